@@ -1,0 +1,26 @@
+"""abqc: a compiler-style post-training quantization framework for LLMs.
+
+``abqc.compile(model, wbits=6, abits=6)`` captures a Hugging Face causal LM as an FX
+graph, runs named passes over it (annotate, insert quant/dequant, calibrate, fuse) and
+returns a `CompiledModel`.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import ops  # noqa: F401  (registers the abqc:: custom ops)
+from .api import compile  # noqa: A001
+from .compiled import CompiledModel
+from .config import CompileConfig, LinearAnnotation, QuantSpec
+from .errors import AbqcError, ConfigError, UnsupportedModelError
+
+__all__ = ["compile", "CompiledModel", "CompileConfig", "LinearAnnotation", "QuantSpec",
+           "AbqcError", "ConfigError", "UnsupportedModelError", "eval", "__version__"]
+
+
+def __getattr__(name):
+    # `abqc.eval` imports the data frontends; load it on first use.
+    if name == "eval":
+        import importlib
+        return importlib.import_module(".eval", __name__)
+    raise AttributeError(f"module 'abqc' has no attribute {name!r}")

@@ -1,0 +1,109 @@
+"""Capture: a Hugging Face causal LM becomes a torch FX graph via `torch.export`.
+
+The model is wrapped so that the graph takes ``input_ids`` and returns logits only
+(a KV cache in the output breaks export), exported with ``strict=False`` and dynamic
+batch and sequence dims, and ``ep.module()`` is the IR every pass works on.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.fx import GraphModule
+
+from .errors import UnsupportedModelError
+
+log = logging.getLogger("abqc")
+
+#: The wrapper's attribute holding the model; stripped from module paths.
+ROOT = "m"
+MAX_BATCH = 64
+
+#: node.meta key holding a linear's module path.
+PATH_KEY = "abqc.path"
+
+#: Architectures tested end to end (config.model_type).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt")
+
+
+class LogitsOnly(nn.Module):
+    """`forward(input_ids) -> logits`: the signature torch.export captures."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        setattr(self, ROOT, model)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return getattr(self, ROOT)(input_ids=input_ids, use_cache=False).logits
+
+
+def check_model(model: nn.Module) -> str:
+    """Raise a clear error for models abqc cannot compile; return the model type."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a Hugging Face causal LM (no config.model_type); "
+            f"pass a transformers model of type {list(SUPPORTED_MODEL_TYPES)}")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model_type={model_type!r} ({type(model).__name__}) is not supported; "
+            f"supported: {list(SUPPORTED_MODEL_TYPES)}")
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise UnsupportedModelError(f"{type(model).__name__} has no nn.Linear layers to quantize")
+    return model_type
+
+
+def capture(model: nn.Module, max_seq_len: int | None = None) -> GraphModule:
+    """Export `model` to an FX GraphModule with dynamic batch (1..64) and sequence dims.
+
+    The graph shares parameter storage with `model`: passes must not edit weights in place.
+    """
+    check_model(model)
+    ctx = max_seq_len or getattr(model.config, "max_position_embeddings", None) or 4096
+    model.eval()
+    example = torch.zeros(2, min(16, ctx), dtype=torch.long)
+    dims = {"input_ids": {0: Dim("batch", min=1, max=MAX_BATCH), 1: Dim("seq", min=1, max=ctx)}}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ep = torch.export.export(LogitsOnly(model), (example,), strict=False, dynamic_shapes=dims)
+    gm = ep.module()
+    gm.meta["abqc.max_seq_len"] = ctx
+    for node in linear_nodes(gm):
+        node.meta[PATH_KEY] = module_path(node)
+    log.info("captured %s: %d nodes, %d linears in %.1fs", type(model).__name__,
+             len(gm.graph.nodes), sum(1 for _ in linear_nodes(gm)), time.perf_counter() - t0)
+    return gm
+
+
+def is_linear(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.ops.aten.linear.default
+
+
+def linear_nodes(gm: GraphModule):
+    """The `aten.linear` nodes of the graph, in execution order."""
+    return [n for n in gm.graph.nodes if is_linear(n)]
+
+
+def strip_root(name: str) -> str:
+    return name[len(ROOT) + 1:] if name.startswith(ROOT + ".") else name
+
+
+def module_path(node: torch.fx.Node) -> str | None:
+    """The model's module path of a linear node (``model.layers.3.mlp.down_proj``).
+
+    Recorded at capture; else taken from the weight's attribute name or nn_module_stack.
+    """
+    if PATH_KEY in node.meta:
+        return node.meta[PATH_KEY]
+    if is_linear(node):
+        w = node.args[1]
+        if isinstance(w, torch.fx.Node) and w.op == "get_attr" and w.target.endswith(".weight"):
+            return strip_root(w.target[: -len(".weight")])
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return strip_root(list(stack.values())[-1][0])
+    return None

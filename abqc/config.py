@@ -1,0 +1,192 @@
+"""Typed configuration: what `abqc.compile` accepts, validated once, up front.
+
+`QuantSpec` describes one tensor's quantization (bits, grid, granularity);
+`LinearAnnotation` is what a linear node carries in ``node.meta["abqc"]``;
+`CompileConfig` is the whole set of options, with per-module overrides by regex.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+#: Activation width meaning "not quantized" (float activations: weight-only WxA16).
+FLOAT_BITS = 16
+WEIGHT_BITS = tuple(range(1, 9))
+ACT_BITS = tuple(range(1, 9)) + (FLOAT_BITS,)
+GRANULARITIES = ("channel", "group", "token")
+
+
+def sym_zero(qmax: int) -> float:
+    """Zero point of the symmetric grid with codes 0..qmax.
+
+    Odd qmax (2^b - 1, b >= 2): the GPTQ convention, zero = 2^(b-1), so zero is a level.
+    Even qmax (the 5-level "bit balance" grid, qmax = 4): zero = qmax / 2, exactly symmetric.
+    qmax = 1: zero = 0.5, the binary grid {-a, +a}.
+    """
+    if qmax == 1 or qmax % 2 == 0:
+        return qmax / 2
+    return (qmax + 1) / 2
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized: x_hat = scale * (q - zero), q integer in [0, qmax]."""
+
+    bits: int
+    symmetric: bool = False
+    granularity: str = "channel"  # weights: channel | group; activations: token
+    group_size: int = 0  # > 0 only for granularity "group"
+    dynamic: bool = False  # qparams computed at run time (activations)
+
+    def __post_init__(self):
+        if self.bits not in WEIGHT_BITS:
+            raise ConfigError(f"bits={self.bits!r} is not allowed; use an integer in 1..8")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(
+                f"granularity={self.granularity!r} is not allowed; use one of {GRANULARITIES}")
+        if (self.granularity == "group") != (self.group_size > 0):
+            raise ConfigError(
+                f"group_size={self.group_size!r} does not fit granularity={self.granularity!r}: "
+                "a positive group size goes with 'group', 0 with the others")
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    def describe(self) -> str:
+        gran = f"g{self.group_size}" if self.granularity == "group" else f"per-{self.granularity}"
+        kind = "sym" if self.symmetric else "asym"
+        dyn = " dynamic" if self.dynamic else ""
+        return f"{self.bits}b {gran} {kind}{dyn}"
+
+
+@dataclass(frozen=True)
+class LinearAnnotation:
+    """The quantization decision for one linear layer (``node.meta["abqc"]``)."""
+
+    path: str
+    weight: QuantSpec | None
+    act: QuantSpec | None
+    method: str = "rtn"
+
+    def describe(self) -> str:
+        w = f"W{self.weight.describe()}" if self.weight else "W float"
+        a = f"A{self.act.describe()}" if self.act else "A float"
+        return f"{w} | {a} | {self.method}"
+
+
+METHODS = ("rtn",)
+
+#: Fields an override may set for the modules its regex matches.
+OVERRIDE_KEYS = ("wbits", "abits", "group_size", "symmetric", "act_symmetric", "method", "skip")
+
+
+def _check_bits(name: str, value: Any, allowed: tuple[int, ...]) -> None:
+    if isinstance(value, bool) or value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; use one of {list(allowed)}"
+                          + (" (16 = float activations)" if FLOAT_BITS in allowed else ""))
+
+
+def _check_group(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"group_size={value!r} is not allowed; use 0 (per channel) "
+                          "or a positive integer such as 64 or 128")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Every option of `abqc.compile`. Unknown names and bad values raise `ConfigError`."""
+
+    wbits: int = 4
+    abits: int = 16
+    group_size: int = 0
+    symmetric: bool = False  # weights
+    act_symmetric: bool = False
+    method: str = "rtn"
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    exclude: tuple[str, ...] = ("lm_head",)
+    # calibration data (used by data-driven methods; RTN ignores it)
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    calib_corpus: str = "pydoc"
+    # capture
+    max_seq_len: int | None = None
+    # reporting
+    dump_ir: str | None = None
+    print_ir: bool = False
+
+    def __post_init__(self):
+        _check_bits("wbits", self.wbits, WEIGHT_BITS)
+        _check_bits("abits", self.abits, ACT_BITS)
+        _check_group(self.group_size)
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is not allowed; use one of {list(METHODS)}")
+        for name in ("nsamples", "seqlen"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}={v!r} is not allowed; use a positive integer")
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        for pat in list(self.exclude) + list(self.overrides):
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ConfigError(f"module pattern {pat!r} is not a valid regex: {e}") from None
+        for pat, ov in self.overrides.items():
+            if not isinstance(ov, Mapping):
+                raise ConfigError(f"override for {pat!r} must be a dict of {list(OVERRIDE_KEYS)}, "
+                                  f"got {ov!r}")
+            bad = sorted(set(ov) - set(OVERRIDE_KEYS))
+            if bad:
+                raise ConfigError(f"override for {pat!r} has unknown keys {bad}; "
+                                  f"allowed: {list(OVERRIDE_KEYS)}")
+            if "wbits" in ov:
+                _check_bits(f"overrides[{pat!r}].wbits", ov["wbits"], WEIGHT_BITS)
+            if "abits" in ov:
+                _check_bits(f"overrides[{pat!r}].abits", ov["abits"], ACT_BITS)
+            if "group_size" in ov:
+                _check_group(ov["group_size"])
+            if "method" in ov and ov["method"] not in METHODS:
+                raise ConfigError(f"overrides[{pat!r}].method={ov['method']!r} is not allowed; "
+                                  f"use one of {list(METHODS)}")
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "CompileConfig":
+        """Build from keyword options, naming any unknown option and listing the allowed ones."""
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; allowed options: {allowed}")
+        return cls(**options)
+
+    def annotation_for(self, path: str) -> LinearAnnotation | None:
+        """The quantization of the linear at module `path`, or None to leave it in float."""
+        if any(re.search(p, path) for p in self.exclude):
+            return None
+        s = dict(wbits=self.wbits, abits=self.abits, group_size=self.group_size,
+                 symmetric=self.symmetric, act_symmetric=self.act_symmetric,
+                 method=self.method, skip=False)
+        for pat, ov in self.overrides.items():
+            if re.search(pat, path):
+                s.update(ov)
+        if s["skip"]:
+            return None
+        gs = s["group_size"]
+        weight = QuantSpec(bits=s["wbits"], symmetric=s["symmetric"],
+                           granularity="group" if gs else "channel", group_size=gs)
+        act = None
+        if s["abits"] != FLOAT_BITS:
+            act = QuantSpec(bits=s["abits"], symmetric=s["act_symmetric"],
+                            granularity="token", dynamic=True)
+        return LinearAnnotation(path=path, weight=weight, act=act, method=s["method"])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
+        d["exclude"] = list(self.exclude)
+        return d
