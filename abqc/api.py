@@ -17,12 +17,13 @@ log = logging.getLogger("abqc")
 
 
 def compile(model: nn.Module, wbits: int = 4, abits: int = 16, *,
-            calib: Sequence[str] | torch.Tensor | None = None, **options: Any) -> CompiledModel:
+            calib: Sequence[str] | torch.Tensor | None = None, tokenizer=None,
+            **options: Any) -> CompiledModel:
     """Quantize `model` (a Hugging Face causal LM) to `wbits` weights and `abits` activations.
 
     `abits=16` keeps activations in float (weight-only). `calib` is calibration data:
-    a list of texts or a LongTensor of token windows (data-driven methods use it; RTN
-    does not). Other options are the fields of `CompileConfig` (``method``,
+    a list of texts (tokenized with `tokenizer`) or a LongTensor of token windows
+    (data-driven methods use it; RTN does not). Other options are the fields of `CompileConfig` (``method``,
     ``group_size``, ``symmetric``, ``overrides``, ``exclude``, ``dump_ir``, ...);
     unknown options and bad values raise `ConfigError`.
     """
@@ -44,6 +45,7 @@ def compile(model: nn.Module, wbits: int = 4, abits: int = 16, *,
         instruments.append(DumpIR(config.dump_ir))
     if config.print_ir:
         instruments.append(PrintIR())
-    with torch.no_grad(), PassContext(instruments, config=config, calib=calib, model=model):
+    with torch.no_grad(), PassContext(instruments, config=config, calib=calib, tokenizer=tokenizer,
+                                          model=model):
         gm = pipeline(config.method, config)(gm)
     return CompiledModel(gm, config, hf_config=model.config, pass_timings=timings.records)

@@ -10,6 +10,7 @@ from typing import TextIO
 
 from torch.fx import GraphModule
 
+from ..atomic import write_text
 from ..ir import format_graph
 from .base import Pass, PassInstrument
 
@@ -38,11 +39,7 @@ class DumpIR(PassInstrument):
         self._first = True
 
     def _write(self, name: str, text: str) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / name
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text(self.directory / name, text)
 
     def run_before_pass(self, gm: GraphModule, p: Pass, index: int) -> None:
         if self._first:

@@ -1,0 +1,146 @@
+"""The `abqc` command line: compile a model, evaluate it.
+
+    abqc compile --model default --wbits 4 --abits 8 --dump-ir out/ir
+    abqc eval    --model default --wbits 4 --abits 8 --data wikitext2 --seqlen 2048
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from .config import FLOAT_BITS
+from .errors import AbqcError
+
+log = logging.getLogger("abqc")
+
+
+def _int_or_float(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def parse_override(text: str) -> tuple[str, dict[str, Any]]:
+    """``"down_proj:wbits=8,abits=16"`` -> ("down_proj", {"wbits": 8, "abits": 16})."""
+    pattern, sep, fields = text.rpartition(":")
+    if not sep or not pattern or not fields:
+        raise argparse.ArgumentTypeError(
+            f"--override {text!r} is not PATTERN:key=value[,key=value...], e.g. 'down_proj:wbits=8'")
+    out = {}
+    for item in fields.split(","):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"--override {text!r}: {item!r} is not key=value")
+        out[key.strip()] = _int_or_float(value.strip())
+    return pattern, out
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded SmolLM2-135M-Instruct), a local directory, a .gguf file, "
+                        "'tiny:<llama|qwen2|mistral|opt>' or a hub id")
+
+
+def _add_quant_args(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("quantization")
+    g.add_argument("--wbits", type=int, required=required, default=None, help="weight bits, 1..8")
+    g.add_argument("--abits", type=int, default=FLOAT_BITS, help="activation bits, 1..8 or 16 (float)")
+    g.add_argument("--method", default="rtn", help="calibration method (default: rtn)")
+    g.add_argument("--group-size", type=int, default=0, help="weight group size (0 = per channel)")
+    g.add_argument("--symmetric", action="store_true", help="symmetric weight grid")
+    g.add_argument("--act-symmetric", action="store_true", help="symmetric activation grid")
+    g.add_argument("--override", action="append", type=parse_override, default=[], metavar="PATTERN:K=V,...",
+                   help="per-module settings by regex, e.g. 'down_proj:wbits=8' (repeatable)")
+    g.add_argument("--exclude", action="append", default=None, metavar="REGEX",
+                   help="modules kept in float (repeatable; default: lm_head)")
+    g.add_argument("--calib", default="pydoc", help="calibration corpus: 'pydoc' or a text file")
+    g.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    g.add_argument("--calib-seqlen", type=int, default=512, help="calibration window length")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dump-ir", default=None, metavar="DIR", help="write the IR after each pass to DIR")
+    g.add_argument("--print-ir", action="store_true", help="print the final IR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="abqc", description="Compile LLMs to arbitrary-bit quantized models.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compile", help="quantize a model and show its IR and pass timings")
+    _add_model_args(c)
+    _add_quant_args(c, required=True)
+    e = sub.add_parser("eval", help="perplexity of a model, float or compiled")
+    _add_model_args(e)
+    _add_quant_args(e, required=False)
+    e.add_argument("--data", default="wikitext2", help="'wikitext2', 'pydoc' or a text file")
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
+    return parser
+
+
+def _compile_from_args(args, model, tok):
+    import abqc
+
+    options = dict(method=args.method, group_size=args.group_size, symmetric=args.symmetric,
+                   act_symmetric=args.act_symmetric, overrides=dict(args.override),
+                   nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=args.seed,
+                   calib_corpus=args.calib, dump_ir=args.dump_ir)
+    if args.exclude is not None:
+        options["exclude"] = tuple(args.exclude)
+    return abqc.compile(model, wbits=args.wbits, abits=args.abits, tokenizer=tok, **options)
+
+
+def cmd_compile(args) -> int:
+    from frontends import hf
+
+    model, tok = hf.load(args.model)
+    cm = _compile_from_args(args, model, tok)
+    if args.print_ir:
+        cm.print_ir()
+    print(cm.summary())
+    for i, name, dt in cm.pass_timings:
+        print(f"  {i:03d} {name:<24} {dt:7.2f}s")
+    if args.dump_ir:
+        print(f"IR after each pass written to {args.dump_ir}/")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import abqc.eval
+    from frontends import hf
+
+    model, tok = hf.load(args.model)
+    label = {"model": args.model, "wbits": args.wbits, "abits": args.abits if args.wbits else FLOAT_BITS}
+    if args.wbits is not None:
+        model = _compile_from_args(args, model, tok)
+        label.update(method=args.method, group_size=args.group_size)
+    else:
+        label.update(method="fp32")
+    res = abqc.eval.perplexity(model, tok, args.data, seqlen=args.seqlen, max_windows=args.max_windows,
+                               batch_size=args.batch_size, json_path=args.json, progress=not args.quiet,
+                               **label)
+    print(json.dumps(res))
+    print(f"perplexity {res['ppl']:.4f} ({res['windows']} windows x {res['seqlen']} tokens, {args.data})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="[abqc] %(message)s")
+    try:
+        return {"compile": cmd_compile, "eval": cmd_eval}[args.cmd](args)
+    except AbqcError as e:
+        print(f"abqc: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
