@@ -1,0 +1,50 @@
+"""Capture: the exported graph computes exactly what the eager model does, at any shape."""
+import pytest
+import torch
+from torch import nn
+
+from abqc.capture import PATH_KEY, capture, check_model, linear_nodes
+from abqc.errors import UnsupportedModelError
+
+from conftest import FAMILIES
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_capture_matches_eager_at_several_shapes(tiny_models, family):
+    m = tiny_models[family]
+    gm = capture(m)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for shape in [(2, 24), (1, 7), (3, 1), (1, 130)]:
+            ids = torch.randint(0, m.config.vocab_size, shape, generator=g)
+            ref = m(input_ids=ids, use_cache=False).logits
+            assert torch.allclose(gm(ids), ref, atol=1e-5, rtol=0), (family, shape)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_linear_node_knows_its_module_path(tiny_models, family):
+    m = tiny_models[family]
+    gm = capture(m)
+    paths = [n.meta[PATH_KEY] for n in linear_nodes(gm)]
+    expected = {name for name, mod in m.named_modules() if isinstance(mod, nn.Linear)}
+    assert set(paths) == expected and len(paths) == len(expected)
+    assert any(p.endswith("layers.1.mlp.down_proj") or p.endswith("layers.1.fc2") for p in paths)
+
+
+def test_unsupported_models_are_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="model_type='gpt2'.*supported"):
+        check_model(gpt2)
+    with pytest.raises(UnsupportedModelError, match="not a Hugging Face causal LM"):
+        check_model(nn.Sequential(nn.Linear(4, 4)))
+
+    class NoLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"model_type": "llama"})()
+            self.emb = nn.Embedding(10, 4)
+
+    with pytest.raises(UnsupportedModelError, match="no nn.Linear"):
+        check_model(NoLinear())
