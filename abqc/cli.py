@@ -125,7 +125,7 @@ def cmd_eval(args) -> int:
         label.update(method="fp32")
     res = abqc.eval.perplexity(model, tok, args.data, seqlen=args.seqlen, max_windows=args.max_windows,
                                batch_size=args.batch_size, json_path=args.json, progress=not args.quiet,
-                               **label)
+                               extra=label)
     print(json.dumps(res))
     print(f"perplexity {res['ppl']:.4f} ({res['windows']} windows x {res['seqlen']} tokens, {args.data})")
     return 0

@@ -42,11 +42,11 @@ def perplexity_of_windows(model: torch.nn.Module, windows: torch.Tensor, batch_s
 
 def perplexity(model: torch.nn.Module, tokenizer, data: str = "wikitext2", seqlen: int = 2048,
                max_windows: int | None = None, batch_size: int = 1, json_path: str | os.PathLike | None = None,
-               progress: bool = True, **extra: Any) -> dict[str, Any]:
+               progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Perplexity of `model` on `data` ("wikitext2", "pydoc" or a text file path).
 
     Returns (and, with `json_path`, writes) a dict with ppl, nll, windows, seqlen,
-    tokens_predicted, seconds and the data source; `extra` keys are added to it.
+    tokens_predicted, seconds and the data source, plus the keys of `extra` (labels).
     """
     from frontends import corpus
 
@@ -54,7 +54,8 @@ def perplexity(model: torch.nn.Module, tokenizer, data: str = "wikitext2", seqle
     windows = corpus.eval_windows(tokenizer, text, seqlen=seqlen, max_windows=max_windows)
     if len(windows) == 0:
         raise ValueError(f"data {data!r} has fewer than seqlen={seqlen} tokens: no window to score")
-    result = {"data": str(data), **perplexity_of_windows(model, windows, batch_size, progress), **extra}
+    result = {"data": str(data), **perplexity_of_windows(model, windows, batch_size, progress),
+              **(extra or {})}
     if json_path:
         write_json(json_path, result)
     return result

@@ -1,0 +1,63 @@
+"""The `abqc` command line: compile with IR dumps, eval to JSON, clear errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from abqc.cli import main, parse_override
+
+
+def test_compile_dumps_one_readable_file_per_pass(tmp_path, capsys):
+    out = tmp_path / "ir"
+    rc = main(["-q", "compile", "--model", "tiny:llama", "--wbits", "4", "--abits", "8",
+               "--override", "down_proj:wbits=8", "--dump-ir", str(out)])
+    assert rc == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["000_AnnotateQuant.txt", "001_InsertQuantDequant.txt", "002_RoundToNearest.txt",
+                     "003_QuantDequantFusion.txt", "input.txt"]
+    final = (out / "003_QuantDequantFusion.txt").read_text()
+    assert "model.layers.0.mlp.down_proj  [W8b per-channel asym | A8b per-token asym dynamic | rtn]" in final
+    assert "model.layers.1.self_attn.q_proj  [W4b per-channel asym | A8b" in final
+    assert "14/15 linears quantized" in capsys.readouterr().out
+
+
+def test_eval_writes_json(tmp_path, capsys):
+    data = tmp_path / "d.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    js = tmp_path / "r.json"
+    rc = main(["-q", "eval", "--model", "tiny:opt", "--wbits", "4", "--abits", "8", "--data", str(data),
+               "--seqlen", "128", "--max-windows", "3", "--json", str(js)])
+    assert rc == 0
+    res = json.loads(js.read_text())
+    assert res["windows"] == 3 and res["wbits"] == 4 and res["abits"] == 8 and res["ppl"] > 1
+    assert "perplexity" in capsys.readouterr().out
+    rc = main(["-q", "eval", "--model", "tiny:opt", "--data", str(data), "--seqlen", "128",
+               "--max-windows", "3", "--json", str(js)])
+    fp = json.loads(js.read_text())
+    assert rc == 0 and fp["method"] == "fp32" and fp["ppl"] != res["ppl"]
+
+
+def test_bad_values_exit_2_with_a_message(capsys):
+    assert main(["compile", "--model", "tiny:llama", "--wbits", "9"]) == 2
+    assert "wbits=9 is not allowed" in capsys.readouterr().err
+    assert main(["compile", "--model", "tiny:llama", "--wbits", "4", "--abits", "12"]) == 2
+    assert "abits=12" in capsys.readouterr().err
+    assert main(["compile", "--model", "tiny:bert", "--wbits", "4"]) == 2
+    assert "'bert'" in capsys.readouterr().err
+
+
+def test_parse_override():
+    assert parse_override("mlp\\.down_proj:wbits=8,abits=16,symmetric=true") == (
+        "mlp\\.down_proj", {"wbits": 8, "abits": 16, "symmetric": True})
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="PATTERN:key=value"):
+        parse_override("down_proj")
+
+
+def test_console_script_is_installed():
+    exe = os.path.join(os.path.dirname(sys.executable), "abqc")
+    r = subprocess.run([exe, "compile", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--dump-ir" in r.stdout
