@@ -16,9 +16,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Compile the embedded SmolLM2-135M at W4A8 (RTN) and report WikiText-2 perplexity on 4 windows.
+# WikiText-2 when the shared data sits next to the checkout, else the bundled CPython docs text.
+DATA ?= $(shell test -f ../shared/data/wikitext-2-raw/wiki.test.raw && echo wikitext2 || echo pydoc)
+
+# Compile the embedded SmolLM2-135M at W4A8 (RTN), dump the IR per pass, report perplexity.
 run: $(STAMP)
-	$(BIN)/abqc eval --model default --wbits 4 --abits 8 --seqlen 2048 --max-windows 4
+	$(BIN)/abqc eval --model default --wbits 4 --abits 8 --data $(DATA) --seqlen 2048 --max-windows 4 \
+		--dump-ir out/ir --json out/w4a8.json
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra
