@@ -138,3 +138,12 @@ def test_rtn_pipeline_on_tiny_llama(tiny_models, ids):
     assert (out - ref).norm() / ref.norm() < 0.02
     n_lin = len(linear_nodes(gm))
     assert count(gm, OPS.dequantize.default) == n_lin - 1  # all but lm_head
+
+
+def test_round_to_nearest_records_per_linear_errors(toy):
+    _, gm, _ = toy
+    gm = run(gm, AnnotateQuant(CompileConfig(wbits=2, overrides={"fc3": {"wbits": 8}})),
+             InsertQuantDequant(), RoundToNearest())
+    errs = gm.meta["abqc.rtn_errors"]
+    assert set(errs) == {"fc1", "fc2", "fc3"}
+    assert errs["fc3"] < 0.01 < errs["fc1"]

@@ -2,14 +2,19 @@
 stored integer codes, so the graph reads ``dequantize(@w_codes, @w_scale, @w_zero)``."""
 from __future__ import annotations
 
+import logging
+
 from torch.fx import GraphModule
 
+from ..capture import PATH_KEY
 from ..ops import OPS
-from ..quantizer import quantize
+from ..quantizer import dequantize, quantize
 from .base import Pass
 from .graph_utils import add_param_node, erase_if_unused, get_tensor
 from .insert_qdq import WEIGHT_QUANT
 from ..ir import ROLE_KEY
+
+log = logging.getLogger("abqc")
 
 
 def weight_quantize_nodes(gm: GraphModule):
@@ -33,9 +38,19 @@ class RoundToNearest(Pass):
     """Round every remaining float weight to its grid (the `rtn` method)."""
 
     def transform(self, gm: GraphModule) -> GraphModule:
+        errors = {}
         for q in weight_quantize_nodes(gm):
             w, s, z, qmax, gs = q.args
-            codes = quantize(get_tensor(gm, w.target).detach(), get_tensor(gm, s.target),
-                             get_tensor(gm, z.target), qmax, gs)
+            weight = get_tensor(gm, w.target).detach()
+            scale, zero = get_tensor(gm, s.target), get_tensor(gm, z.target)
+            codes = quantize(weight, scale, zero, qmax, gs)
+            err = float((dequantize(codes, scale, zero, gs) - weight).norm() / weight.norm())
+            errors[q.meta.get(PATH_KEY)] = err
+            log.debug("rtn %-40s rel. weight error %.4f", q.meta.get(PATH_KEY), err)
             fold_weight_codes(gm, q, codes)
+        if errors:
+            worst = max(errors, key=errors.get)
+            log.info("rtn: %d weights rounded; relative error ||W-Ŵ||/||W|| mean %.4f, max %.4f (%s)",
+                     len(errors), sum(errors.values()) / len(errors), errors[worst], worst)
+        gm.meta["abqc.rtn_errors"] = errors
         return gm
