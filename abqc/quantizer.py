@@ -59,14 +59,19 @@ def compute_qparams(x: torch.Tensor, qmax: int, symmetric: bool, group_size: int
     return scale.to(x.dtype), zero.to(x.dtype)
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int,
-             group_size: int = 0) -> torch.Tensor:
-    """Integer codes in [0, qmax] (as uint8)."""
+def _round(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int,
+           group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(float codes, expanded scale, expanded zero), all fp32."""
     k = x.shape[-1]
     s = expand_qparam(scale, k, group_size).float()
     z = expand_qparam(zero, k, group_size).float()
-    q = torch.round(x.float() / s + z).clamp_(0, qmax)
-    return q.to(torch.uint8)
+    return torch.round(x.float() / s + z).clamp_(0, qmax), s, z
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int,
+             group_size: int = 0) -> torch.Tensor:
+    """Integer codes in [0, qmax] (as uint8)."""
+    return _round(x, scale, zero, qmax, group_size)[0].to(torch.uint8)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -80,11 +85,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int,
                   group_size: int = 0) -> torch.Tensor:
-    """Quantize then dequantize, in x's dtype (one pass, no uint8 intermediate)."""
-    k = x.shape[-1]
-    s = expand_qparam(scale, k, group_size).float()
-    z = expand_qparam(zero, k, group_size).float()
-    q = torch.round(x.float() / s + z).clamp_(0, qmax)
+    """Quantize then dequantize, in x's dtype (no uint8 intermediate)."""
+    q, s, z = _round(x, scale, zero, qmax, group_size)
     return ((q - z) * s).to(x.dtype)
 
 
