@@ -35,7 +35,8 @@ def compile(model: nn.Module, wbits: int = 4, abits: int = 16, *,
     if calib is not None and not isinstance(calib, (list, tuple, torch.Tensor)):
         raise ConfigError(f"calib must be a list of texts or a LongTensor of token ids, "
                           f"got {type(calib).__name__}")
-    if calib is not None and config.method == "rtn":
+    data_free = config.methods() == {"rtn"}
+    if calib is not None and data_free:
         log.info("method 'rtn' is data-free: the calibration data is not used")
 
     gm = capture(model, config.max_seq_len)
@@ -47,5 +48,5 @@ def compile(model: nn.Module, wbits: int = 4, abits: int = 16, *,
         instruments.append(PrintIR())
     with torch.no_grad(), PassContext(instruments, config=config, calib=calib, tokenizer=tokenizer,
                                           model=model):
-        gm = pipeline(config.method, config)(gm)
+        gm = pipeline("rtn" if data_free else "calibrate", config)(gm)
     return CompiledModel(gm, config, hf_config=model.config, pass_timings=timings.records)

@@ -79,7 +79,7 @@ class LinearAnnotation:
         return f"{w} | {a} | {self.method}"
 
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq", "quantease", "quantease_outlier", "gptq_quantease")
 
 #: Fields an override may set for the modules its regex matches.
 OVERRIDE_KEYS = ("wbits", "abits", "group_size", "symmetric", "act_symmetric", "method", "skip")
@@ -114,6 +114,7 @@ class CompileConfig:
     seqlen: int = 512
     seed: int = 0
     calib_corpus: str = "pydoc"
+    solver_options: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"sweeps": 30}
     # capture
     max_seq_len: int | None = None
     # reporting
@@ -164,6 +165,10 @@ class CompileConfig:
             raise ConfigError(f"unknown option(s) {unknown}; allowed options: {allowed}")
         return cls(**options)
 
+    def methods(self) -> set[str]:
+        """Every calibration method this config uses (global and in overrides)."""
+        return {self.method} | {ov["method"] for ov in self.overrides.values() if "method" in ov}
+
     def annotation_for(self, path: str) -> LinearAnnotation | None:
         """The quantization of the linear at module `path`, or None to leave it in float."""
         if any(re.search(p, path) for p in self.exclude):
@@ -189,4 +194,5 @@ class CompileConfig:
         d = dataclasses.asdict(self)
         d["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
         d["exclude"] = list(self.exclude)
+        d["solver_options"] = dict(self.solver_options)
         return d

@@ -9,6 +9,8 @@ Importing this module registers them under the `abqc` namespace:
 - ``abqc::quantize(x, scale, zero, qmax, group_size) -> uint8 codes``
 - ``abqc::dequantize(q, scale, zero, group_size) -> float``
 - ``abqc::fake_quant(x, scale, zero, qmax, group_size) -> float``: the two above, fused.
+- ``abqc::add_outliers(w, indices, values) -> float``: adds a sparse full-precision H
+  (QuantEase's outliers) to a dequantized weight, keeping H sparse in storage.
 """
 from __future__ import annotations
 
@@ -62,6 +64,19 @@ def fake_quant(x: Tensor, scale: Tensor, zero: Tensor, qmax: int, group_size: in
 @fake_quant.register_fake
 def _(x, scale, zero, qmax, group_size):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("abqc::add_outliers", mutates_args=())
+def add_outliers(w: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+    """w + H for a sparse full-precision H given as COO (indices [2, nnz], values [nnz])."""
+    out = w.clone()
+    out.index_put_((indices[0], indices[1]), values.to(w.dtype), accumulate=True)
+    return out
+
+
+@add_outliers.register_fake
+def _(w, indices, values):
+    return torch.empty_like(w)
 
 
 OPS = torch.ops.abqc

@@ -10,6 +10,7 @@ from typing import Callable
 from ..config import CompileConfig
 from ..errors import ConfigError
 from .annotate import AnnotateQuant
+from .calibrate import Calibrate
 from .base import Pass, PassContext, PassInstrument, Sequential
 from .fuse_qdq import QuantDequantFusion
 from .insert_qdq import InsertQuantDequant
@@ -21,7 +22,15 @@ def _rtn(config: CompileConfig) -> list[Pass]:
     return [AnnotateQuant(config), InsertQuantDequant(), RoundToNearest(), QuantDequantFusion()]
 
 
-PIPELINES: dict[str, Callable[[CompileConfig], list[Pass]]] = {"rtn": _rtn}
+def _calibrated(config: CompileConfig) -> list[Pass]:
+    return [AnnotateQuant(config), InsertQuantDequant(),
+            Calibrate(solver_options=dict(config.solver_options)),
+            RoundToNearest(), QuantDequantFusion()]
+
+
+PIPELINES: dict[str, Callable[[CompileConfig], list[Pass]]] = {
+    "rtn": _rtn, "gptq": _calibrated, "quantease": _calibrated,
+    "quantease_outlier": _calibrated, "gptq_quantease": _calibrated, "calibrate": _calibrated}
 
 
 def pipeline(name: str, config: CompileConfig | None = None) -> Sequential:
@@ -31,6 +40,6 @@ def pipeline(name: str, config: CompileConfig | None = None) -> Sequential:
     return Sequential(PIPELINES[name](config or CompileConfig(method=name)), name=name)
 
 
-__all__ = ["AnnotateQuant", "DumpIR", "InsertQuantDequant", "Pass", "PassContext",
+__all__ = ["AnnotateQuant", "Calibrate", "DumpIR", "InsertQuantDequant", "Pass", "PassContext",
            "PassInstrument", "PassTimings", "PrintIR", "QuantDequantFusion", "RoundToNearest",
            "Sequential", "pipeline", "PIPELINES"]

@@ -1,0 +1,83 @@
+"""Calibrate: block-sequential, data-driven weight quantization (GPTQ, QuantEase, ...).
+
+Runs the calibration windows through the model once, then solves the linears of each
+decoder block in true-sequential order (derived from the graph) with the solver named by
+each linear's annotation. Results go into the graph: the weight grid buffers are
+replaced by the solver's, the weight quantize is folded into codes, and sparse outliers
+(if any) become an ``abqc.add_outliers`` node after the weight's dequantize.
+"""
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from ..calibration.blocks import decoder_blocks
+from ..calibration.engine import calibrate_blocks
+from ..calibration.order import sequential_groups
+from ..capture import PATH_KEY
+from ..errors import ConfigError
+from ..ir import ANNOT_KEY
+from ..ops import OPS
+from .base import Pass, PassContext
+from .graph_utils import add_param_node, insert_call, set_buffer
+from .rtn import fold_weight_codes, weight_quantize_nodes
+
+
+def calibration_windows(ctx: PassContext) -> torch.Tensor:
+    """The context's calibration data as a LongTensor of windows [n, seqlen]."""
+    from frontends import corpus
+
+    cfg, calib, tok = ctx.get("config"), ctx.get("calib"), ctx.get("tokenizer")
+    if isinstance(calib, torch.Tensor):
+        if calib.ndim != 2 or calib.dtype != torch.long:
+            raise ConfigError(f"calib tensor must be a LongTensor [nsamples, seqlen], got "
+                              f"{calib.dtype} of shape {tuple(calib.shape)}")
+        return calib
+    if tok is None:
+        raise ConfigError(f"method {cfg.method!r} needs calibration data: pass calib=<LongTensor "
+                          "[n, seqlen]>, or tokenizer=<the model's tokenizer> (with calib=<texts> "
+                          f"or the default corpus {cfg.calib_corpus!r})")
+    text = "\n\n".join(calib) if calib is not None else corpus.load_text(cfg.calib_corpus)
+    return corpus.calibration_windows(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed)
+
+
+class Calibrate(Pass):
+    """Solve every annotated linear inside the decoder blocks with its own method."""
+
+    def __init__(self, batch_size: int = 8, solver_options: dict | None = None):
+        self.batch_size = batch_size
+        self.solver_options = dict(solver_options or {})
+
+    def transform(self, gm: GraphModule) -> GraphModule:
+        ctx = PassContext.current()
+        model = ctx.get("model")
+        if model is None:
+            raise ConfigError("Calibrate needs the source model in the PassContext (model=...)")
+        qnodes = {n.meta[PATH_KEY]: n for n in weight_quantize_nodes(gm)}
+        anns = {n.meta[PATH_KEY]: n.meta[ANNOT_KEY] for n in gm.graph.nodes
+                if n.meta.get(ANNOT_KEY) is not None and n.meta[PATH_KEY] in qnodes}
+        prefix, _ = decoder_blocks(model)
+        groups = sequential_groups(gm, prefix, set(anns))
+        windows = calibration_windows(ctx)
+        from ..solvers import solve
+
+        results = calibrate_blocks(model, anns, groups, windows, solve, self.batch_size,
+                                   self.solver_options)
+        for path, res in results.items():
+            q = qnodes[path]
+            _, s, z, _, _ = q.args
+            set_buffer(gm, s.target, res.scale.to(torch.float32))
+            set_buffer(gm, z.target, res.zero.to(torch.float32))
+            (dq,) = list(q.users)
+            fold_weight_codes(gm, q, res.codes)
+            if res.outliers is not None:
+                h = res.outliers.coalesce()
+                base = s.target.rpartition(".")[0]
+                after = next(iter(dq.users))
+                idx = add_param_node(gm, f"{base}.weight_outlier_indices", h.indices(), after)
+                val = add_param_node(gm, f"{base}.weight_outlier_values", h.values().float(), after)
+                add = insert_call(gm, after, OPS.add_outliers.default, (dq, idx, val),
+                                  "weight_outliers", path)
+                after.replace_input_with(dq, add)
+        gm.meta["abqc.calib_stats"] = {p: r.stats for p, r in results.items()}
+        return gm
