@@ -32,3 +32,13 @@ def test_opcheck_fake_implementations(gs):
     torch.library.opcheck(OPS.quantize.default, (x, s, z, 15, gs))
     torch.library.opcheck(OPS.dequantize.default, (q, s, z, gs))
     torch.library.opcheck(OPS.fake_quant.default, (x, s, z, 15, gs))
+
+
+def test_add_outliers_adds_a_sparse_matrix():
+    w = torch.randn(6, 9)
+    h = torch.zeros(6, 9)
+    h[1, 2], h[4, 8], h[0, 0] = 3.0, -1.5, 0.25
+    sp = h.to_sparse_coo().coalesce()
+    out = OPS.add_outliers(w, sp.indices(), sp.values())
+    assert torch.equal(out, w + h)
+    torch.library.opcheck(OPS.add_outliers.default, (w, sp.indices(), sp.values()))
