@@ -74,8 +74,8 @@ class Calibrate(Pass):
                 h = res.outliers.coalesce()
                 base = s.target.rpartition(".")[0]
                 after = next(iter(dq.users))
-                idx = add_param_node(gm, f"{base}.weight_outlier_indices", h.indices(), after)
-                val = add_param_node(gm, f"{base}.weight_outlier_values", h.values().float(), after)
+                idx = add_param_node(gm, f"{base}.weight_outlier_indices", h.indices().clone(), after)
+                val = add_param_node(gm, f"{base}.weight_outlier_values", h.values().float().clone(), after)
                 add = insert_call(gm, after, OPS.add_outliers.default, (dq, idx, val),
                                   "weight_outliers", path)
                 after.replace_input_with(dq, add)
