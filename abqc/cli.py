@@ -41,6 +41,14 @@ def parse_override(text: str) -> tuple[str, dict[str, Any]]:
     return pattern, out
 
 
+def parse_solver_option(text: str) -> tuple[str, Any]:
+    """``"sweeps=10"`` -> ("sweeps", 10)."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"--solver {text!r} is not KEY=VALUE, e.g. 'sweeps=10'")
+    return key.strip(), _int_or_float(value.strip())
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
                    help="'default' (embedded SmolLM2-135M-Instruct), a local directory, a .gguf file, "
@@ -51,7 +59,11 @@ def _add_quant_args(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--wbits", type=int, required=required, default=None, help="weight bits, 1..8")
     g.add_argument("--abits", type=int, default=FLOAT_BITS, help="activation bits, 1..8 or 16 (float)")
-    g.add_argument("--method", default="rtn", help="calibration method (default: rtn)")
+    g.add_argument("--method", default="rtn",
+                   help="rtn | gptq | quantease | quantease_outlier | gptq_quantease (default: rtn)")
+    g.add_argument("--solver", action="append", type=parse_solver_option, default=[],
+                   metavar="KEY=VALUE", help="solver option, repeatable, e.g. sweeps=10, act_order=true, "
+                   "outlier_fraction=0.01")
     g.add_argument("--group-size", type=int, default=0, help="weight group size (0 = per channel)")
     g.add_argument("--symmetric", action="store_true", help="symmetric weight grid")
     g.add_argument("--act-symmetric", action="store_true", help="symmetric activation grid")
@@ -91,7 +103,8 @@ def _compile_from_args(args, model, tok):
     options = dict(method=args.method, group_size=args.group_size, symmetric=args.symmetric,
                    act_symmetric=args.act_symmetric, overrides=dict(args.override),
                    nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=args.seed,
-                   calib_corpus=args.calib, dump_ir=args.dump_ir)
+                   calib_corpus=args.calib, dump_ir=args.dump_ir,
+                   solver_options=dict(args.solver))
     if args.exclude is not None:
         options["exclude"] = tuple(args.exclude)
     return abqc.compile(model, wbits=args.wbits, abits=args.abits, tokenizer=tok, **options)

@@ -40,6 +40,11 @@ class CompiledModel(nn.Module):
         """Module path -> quantization of every linear (None: kept in float)."""
         return {module_path(n): n.meta.get(ANNOT_KEY) for n in linear_nodes(self.graph_module)}
 
+    @property
+    def calibration_stats(self) -> dict[str, dict]:
+        """Module path -> solver stats (method, rel_error, seconds, notes) of calibrated linears."""
+        return dict(self.graph_module.meta.get("abqc.calib_stats", {}))
+
     def ir(self) -> str:
         return format_graph(self.graph_module, "abqc IR (compiled)")
 

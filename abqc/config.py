@@ -131,6 +131,8 @@ class CompileConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}={v!r} is not allowed; use a positive integer")
+        from .solvers.options import SolverOptions
+        SolverOptions.from_dict(dict(self.solver_options))  # refuse bad solver options up front
         if isinstance(self.exclude, str):
             object.__setattr__(self, "exclude", (self.exclude,))
         for pat in list(self.exclude) + list(self.overrides):

@@ -44,3 +44,64 @@ def test_data_methods_need_data(tiny_models):
         abqc.compile(tiny_models["llama"], wbits=4, method="gptq")
     with pytest.raises(abqc.ConfigError, match="LongTensor"):
         abqc.compile(tiny_models["llama"], wbits=4, method="gptq", calib=torch.zeros(2, 8))
+
+
+def _held_out_error(cm, model, ids):
+    with torch.no_grad():
+        return ((cm(ids).logits - model(input_ids=ids).logits) ** 2).mean().item()
+
+
+@pytest.fixture(scope="module")
+def calib_and_test():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (16, 48), generator=g), torch.randint(0, 256, (4, 48), generator=g)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "opt"])
+def test_gptq_calibration_beats_rtn_end_to_end(tiny_models, calib_and_test, family, caplog):
+    m = tiny_models[family]
+    calib, test = calib_and_test
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    rtn = _held_out_error(abqc.compile(m, wbits=3, method="rtn"), m, test)
+    with caplog.at_level("INFO", logger="abqc"):
+        cm = abqc.compile(m, wbits=3, method="gptq", calib=calib)
+    assert _held_out_error(cm, m, test) < rtn
+    # one log line per solved linear, with its relative error and peak memory
+    solved = [p for p, a in cm.annotations.items() if a is not None]
+    lines = [r.getMessage() for r in caplog.records if "rel.err" in r.getMessage()]
+    assert len(lines) == len(solved) and all("peak" in l for l in lines)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # user's model untouched
+    stats = cm.calibration_stats
+    assert set(stats) == set(solved) and all(0 < s["rel_error"] < 1 for s in stats.values())
+
+
+def test_every_method_compiles_and_outliers_are_graph_nodes(tiny_models, calib_and_test):
+    m = tiny_models["llama"]
+    calib, test = calib_and_test
+    rtn = _held_out_error(abqc.compile(m, wbits=3, method="rtn"), m, test)
+    for method in ("quantease", "gptq_quantease", "quantease_outlier"):
+        cm = abqc.compile(m, wbits=3, method=method, calib=calib, solver_options={"sweeps": 6})
+        assert _held_out_error(cm, m, test) < rtn, method
+        adds = [n for n in cm.graph_module.graph.nodes if n.target is OPS.add_outliers.default]
+        assert len(adds) == (len(cm.calibration_stats) if method == "quantease_outlier" else 0)
+    assert "add_outliers" in cm.ir()
+
+
+def test_calibration_with_quantized_activations_and_overrides(tiny_models, calib_and_test):
+    m = tiny_models["llama"]
+    calib, test = calib_and_test
+    cm = abqc.compile(m, wbits=4, abits=8, method="gptq", calib=calib,
+                      overrides={"down_proj": {"method": "quantease", "wbits": 6}},
+                      solver_options={"sweeps": 4})
+    stats = cm.calibration_stats
+    assert {p: s["method"] for p, s in stats.items() if "down_proj" in p} == \
+        {"model.layers.0.mlp.down_proj": "quantease", "model.layers.1.mlp.down_proj": "quantease"}
+    assert {s["method"] for p, s in stats.items() if "down_proj" not in p} == {"gptq"}
+    assert _held_out_error(cm, m, test) < _held_out_error(
+        abqc.compile(m, wbits=4, abits=8, overrides={"down_proj": {"wbits": 6}}), m, test)
+
+
+def test_bad_solver_option_is_refused_before_any_work(tiny_models, calib_and_test):
+    with pytest.raises(abqc.ConfigError, match="unknown solver option"):
+        abqc.compile(tiny_models["llama"], wbits=4, method="gptq", calib=calib_and_test[0],
+                     solver_options={"damp": 0.1})

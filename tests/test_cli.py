@@ -61,3 +61,16 @@ def test_console_script_is_installed():
     exe = os.path.join(os.path.dirname(sys.executable), "abqc")
     r = subprocess.run([exe, "compile", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--dump-ir" in r.stdout
+
+
+def test_compile_with_a_calibrated_method(tmp_path, capsys):
+    out = tmp_path / "ir"
+    rc = main(["-q", "compile", "--model", "tiny:llama", "--wbits", "3", "--method", "quantease",
+               "--solver", "sweeps=3", "--solver", "act_order=true", "--nsamples", "4",
+               "--calib-seqlen", "32", "--dump-ir", str(out)])
+    assert rc == 0
+    assert "002_Calibrate.txt" in {p.name for p in out.iterdir()}
+    assert "method=quantease" in capsys.readouterr().out
+    assert main(["compile", "--model", "tiny:llama", "--wbits", "3", "--method", "gptq",
+                 "--solver", "sweps=3"]) == 2
+    assert "unknown solver option(s) ['sweps']" in capsys.readouterr().err
