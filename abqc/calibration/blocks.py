@@ -23,8 +23,8 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-class _StopForward(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (everything needed has been seen)."""
 
 
 @dataclass
@@ -47,14 +47,14 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
         kwargs["use_cache"] = False
         cached.append(BlockInput(hidden.detach(), rest, kwargs))
-        raise _StopForward
+        raise StopForward
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for i in range(0, len(windows), batch_size):
             try:
                 model(input_ids=windows[i:i + batch_size], use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         handle.remove()

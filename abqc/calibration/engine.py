@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..config import LinearAnnotation
 from ..quantizer import compute_qparams, fake_quantize
-from .blocks import BlockInput, capture_block_inputs, decoder_blocks, run_block
+from .blocks import BlockInput, StopForward, capture_block_inputs, decoder_blocks, run_block
 
 log = logging.getLogger("abqc")
 
@@ -26,23 +26,42 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class _Gram:
-    """Accumulates Σ = X Xᵀ / n (fp32) from a linear's inputs via a forward pre-hook."""
+class _Grams:
+    """Accumulates Σ = X Xᵀ / n (fp32) for a group of linears via forward pre-hooks.
 
-    def __init__(self, linear: nn.Linear):
-        k = linear.in_features
-        self.sigma = torch.zeros(k, k, dtype=torch.float32)
-        self.n = 0
-        self.handle = linear.register_forward_pre_hook(self)
+    Once every linear of the group has seen its input, the rest of the block is not
+    needed: the hook ends the forward pass (`StopForward`), which saves most of the block
+    for the early groups ([q,k,v] needs only the norm).
+    """
 
-    def __call__(self, module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        self.sigma.addmm_(x.T, x)
-        self.n += x.shape[0]
+    def __init__(self, linears: dict[str, nn.Linear]):
+        self.sigma = {p: torch.zeros(m.in_features, m.in_features) for p, m in linears.items()}
+        self.n = dict.fromkeys(linears, 0)
+        self.seen: set[str] = set()
+        self.handles = [m.register_forward_pre_hook(self._hook(p)) for p, m in linears.items()]
 
-    def result(self) -> torch.Tensor:
-        self.handle.remove()
-        return self.sigma / max(self.n, 1)
+    def _hook(self, path: str):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            self.sigma[path].addmm_(x.T, x)
+            self.n[path] += x.shape[0]
+            self.seen.add(path)
+            if len(self.seen) == len(self.sigma):
+                raise StopForward
+        return hook
+
+    def run(self, block: nn.Module, inputs: list[BlockInput]) -> None:
+        for inp in inputs:
+            self.seen.clear()
+            try:
+                run_block(block, inp)
+            except StopForward:
+                pass
+
+    def result(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        return {p: s / max(self.n[p], 1) for p, s in self.sigma.items()}
 
 
 def _act_quant_hook(spec):
@@ -76,12 +95,12 @@ def calibrate_blocks(model: nn.Module, annotations: dict[str, LinearAnnotation],
             if not todo:
                 continue
             mods = {p: qblock.get_submodule(p[len(local):]) for p in todo}
-            grams = {p: _Gram(m) for p, m in mods.items()}
-            for inp in inputs:
-                run_block(qblock, inp)
+            grams = _Grams(mods)
+            grams.run(qblock, inputs)
+            sigmas = grams.result()
             for p, m in mods.items():
                 ann = annotations[p]
-                sigma = grams[p].result()
+                sigma = sigmas.pop(p)
                 t1 = time.perf_counter()
                 res = solve(ann.method, m.weight.data, sigma, ann.weight, **(solver_options or {}))
                 m.weight.data.copy_(res.weight().to(m.weight.dtype))
