@@ -1,0 +1,36 @@
+"""Build one kernel (a formulation, a shape, a schedule) with TVM's LLVM backend."""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import tvm
+
+from .compute import COMPUTES, KernelShape
+from .schedule import schedule
+
+
+@functools.lru_cache(maxsize=1)
+def host_target() -> tvm.target.Target:
+    """LLVM for this CPU (its features, e.g. AVX2 + POPCNT) and its core count."""
+    cfg = {"kind": "llvm", "num-cores": os.cpu_count() or 1}
+    try:
+        cpu = tvm.target.codegen.llvm_get_system_cpu()
+        if cpu and cpu != "generic":
+            cfg["mcpu"] = cpu
+    except Exception:  # noqa: BLE001 - older builds lack the query: plain llvm still works
+        pass
+    return tvm.target.Target(cfg)
+
+
+def build(formulation: str, shape: KernelShape, params: dict[str, Any], target=None):
+    """An executable with ``main`` (accumulate + epilogue, float32 out) and ``acc`` (integer
+    or float accumulator [M, N, G] only, for exactness tests)."""
+    if formulation not in COMPUTES:
+        raise ValueError(f"formulation={formulation!r} is not one of {sorted(COMPUTES)}")
+    make = COMPUTES[formulation]
+    funcs = {"main": schedule(make(shape, True), params, epilogue=True),
+             "acc": schedule(make(shape, False), params, epilogue=False)}
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    return tvm.compile(mod, target=target or host_target())

@@ -1,0 +1,156 @@
+"""The kernels' maths as TE compute definitions (what is computed, not how).
+
+Four formulations, all over zero-padded K (see `packing`), M symbolic (any token count):
+
+- ``bitserial``: integer activations, ``acc = Σ_i Σ_j 2^(i+j) popcount(X_i AND W_j)``;
+- ``lut``: integer activations, per group of 4 activations a 16-entry table of subset sums,
+  each weight plane's 4-bit slice picks an entry: ``acc = Σ_j 2^j Σ_kk T[kk, W_j[kk]]``;
+- ``wo_bitserial`` / ``wo_lut``: float activations (WxA16), weight bits unpacked in the
+  kernel, or float tables.
+
+The integer ones end in the dequantization epilogue, per group g (one group per channel):
+``y = s_x Σ_g s_w (acc_g - z_w Σx_g - z_x Σw_g + K_g z_x z_w)``, computed in float64 (the
+terms are large and cancel) and stored as float32. Weight-only: ``y = Σ_g s_w (acc_g - z_w Σx_g)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import te, tirx
+
+from .packing import TABLE_GROUP, WORD
+
+FORMULATIONS = ("bitserial", "lut")
+WO_FORMULATIONS = ("wo_bitserial", "wo_lut")
+
+
+@dataclass(frozen=True)
+class KernelShape:
+    """One linear: N outputs, K inputs (real), groups of `group_size` (0: per channel)."""
+
+    n: int
+    k: int
+    wbits: int
+    abits: int  # 16: float activations (weight-only)
+    group_size: int = 0
+
+    @property
+    def kp(self) -> int:
+        unit = self.group_size or WORD
+        return -(-self.k // unit) * unit
+
+    @property
+    def groups(self) -> int:
+        return self.kp // self.group_size if self.group_size else 1
+
+    def group_lengths(self) -> list[float]:
+        """Real (unpadded) K of each group, for the K_g z_x z_w term."""
+        gs = self.group_size or self.kp
+        return [float(max(0, min(gs, self.k - g * gs))) for g in range(self.groups)]
+
+
+def _epilogue(acc, m, shape: KernelShape, weight_only: bool):
+    n, g_count = shape.n, shape.groups
+    sw = te.placeholder((n, g_count), "float32", name="sw")
+    zw = te.placeholder((n, g_count), "float32", name="zw")
+    g = te.reduce_axis((0, g_count), "g")
+    if weight_only:
+        xs = te.placeholder((m, g_count), "float32", name="xs")
+        y = te.compute((m, n), lambda a, b: te.sum(
+            sw[b, g].astype("float64") * (acc[a, b, g].astype("float64")
+                                         - zw[b, g].astype("float64") * xs[a, g].astype("float64")),
+            axis=g), name="y64")
+        out = te.compute((m, n), lambda a, b: y[a, b].astype("float32"), name="y")
+        return [sw, zw, xs], out
+    sx = te.placeholder((m,), "float32", name="sx")
+    zx = te.placeholder((m,), "float32", name="zx")
+    sumx = te.placeholder((m, g_count), "int32", name="sumx")
+    sumw = te.placeholder((n, g_count), "int32", name="sumw")
+    kg = te.placeholder((g_count,), "float32", name="kg")
+
+    def f64(t):
+        return t.astype("float64")
+
+    y = te.compute((m, n), lambda a, b: te.sum(
+        f64(sw[b, g]) * (f64(acc[a, b, g]) - f64(zw[b, g]) * f64(sumx[a, g])
+                         - f64(zx[a]) * f64(sumw[b, g]) + f64(kg[g]) * f64(zx[a]) * f64(zw[b, g])),
+        axis=g), name="y64")
+    out = te.compute((m, n), lambda a, b: (f64(sx[a]) * y[a, b]).astype("float32"), name="y")
+    return [sx, zx, sumx, sw, zw, sumw, kg], out
+
+
+def bitserial(shape: KernelShape, with_epilogue: bool = True):
+    m = te.var("m")
+    kw, g_count = shape.kp // WORD, shape.groups
+    kwg = kw // g_count
+    x = te.placeholder((shape.abits, m, kw), "int64", name="X")
+    w = te.placeholder((shape.wbits, shape.n, kw), "int64", name="W")
+    i = te.reduce_axis((0, shape.abits), "i")
+    j = te.reduce_axis((0, shape.wbits), "j")
+    k = te.reduce_axis((0, kwg), "k")
+    acc = te.compute((m, shape.n, g_count), lambda a, b, g: te.sum(
+        tirx.popcount(x[i, a, g * kwg + k] & w[j, b, g * kwg + k]).astype("int32")
+        << (i + j).astype("int32"), axis=[i, j, k]), name="acc")
+    if not with_epilogue:
+        return te.create_prim_func([x, w, acc])
+    extra, y = _epilogue(acc, m, shape, weight_only=False)
+    return te.create_prim_func([x, w, *extra, y])
+
+
+def lut(shape: KernelShape, with_epilogue: bool = True):
+    m = te.var("m")
+    kt, g_count = shape.kp // TABLE_GROUP, shape.groups
+    ktg = kt // g_count
+    t = te.placeholder((m, kt, 1 << TABLE_GROUP), "int16", name="T")
+    w = te.placeholder((shape.wbits, shape.n, kt), "uint8", name="Wn")
+    j = te.reduce_axis((0, shape.wbits), "j")
+    k = te.reduce_axis((0, ktg), "k")
+    acc = te.compute((m, shape.n, g_count), lambda a, b, g: te.sum(
+        t[a, g * ktg + k, w[j, b, g * ktg + k]].astype("int32") << j.astype("int32"),
+        axis=[j, k]), name="acc")
+    if not with_epilogue:
+        return te.create_prim_func([t, w, acc])
+    extra, y = _epilogue(acc, m, shape, weight_only=False)
+    return te.create_prim_func([t, w, *extra, y])
+
+
+def wo_bitserial(shape: KernelShape, with_epilogue: bool = True):
+    m = te.var("m")
+    kp, g_count = shape.kp, shape.groups
+    kg = kp // g_count
+    x = te.placeholder((m, kp), "float32", name="x")
+    w = te.placeholder((shape.wbits, shape.n, kp // WORD), "int64", name="W")
+    j = te.reduce_axis((0, shape.wbits), "j")
+    k = te.reduce_axis((0, kg), "k")
+
+    def bit(jj, b, kk):
+        word = w[jj, b, kk // WORD]
+        return ((word >> (kk % WORD).astype("int64")) & tirx.const(1, "int64")).astype("float32")
+
+    acc = te.compute((m, shape.n, g_count), lambda a, b, g: te.sum(
+        x[a, g * kg + k] * bit(j, b, g * kg + k) * (1 << j).astype("float32"),
+        axis=[j, k]), name="acc")
+    if not with_epilogue:
+        return te.create_prim_func([x, w, acc])
+    extra, y = _epilogue(acc, m, shape, weight_only=True)
+    return te.create_prim_func([x, w, *extra, y])
+
+
+def wo_lut(shape: KernelShape, with_epilogue: bool = True):
+    m = te.var("m")
+    kt, g_count = shape.kp // TABLE_GROUP, shape.groups
+    ktg = kt // g_count
+    t = te.placeholder((m, kt, 1 << TABLE_GROUP), "float32", name="T")
+    w = te.placeholder((shape.wbits, shape.n, kt), "uint8", name="Wn")
+    j = te.reduce_axis((0, shape.wbits), "j")
+    k = te.reduce_axis((0, ktg), "k")
+    acc = te.compute((m, shape.n, g_count), lambda a, b, g: te.sum(
+        t[a, g * ktg + k, w[j, b, g * ktg + k]] * (1 << j).astype("float32"),
+        axis=[j, k]), name="acc")
+    if not with_epilogue:
+        return te.create_prim_func([t, w, acc])
+    extra, y = _epilogue(acc, m, shape, weight_only=True)
+    return te.create_prim_func([t, w, *extra, y])
+
+
+COMPUTES = {"bitserial": bitserial, "lut": lut, "wo_bitserial": wo_bitserial, "wo_lut": wo_lut}

@@ -1,0 +1,127 @@
+"""Running a built kernel on torch tensors: weight packing (offline), activation
+quantization + packing (online), and the call itself through DLPack (no copies)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import tvm
+
+from ..config import sym_zero
+from ..quantizer import compute_qparams
+from . import packing as P
+from .compute import WO_FORMULATIONS, KernelShape
+
+
+def _dl(t: torch.Tensor):
+    return tvm.runtime.from_dlpack(t.contiguous())
+
+
+@dataclass
+class PackedWeight:
+    """A weight as one formulation reads it, with its grid and per-group code sums."""
+
+    formulation: str
+    shape: KernelShape
+    data: torch.Tensor  # int64 bit planes [wbits, N, KW] or uint8 table indices [wbits, N, KP/4]
+    scale: torch.Tensor  # float32 [N, G]
+    zero: torch.Tensor  # float32 [N, G]
+    sumw: torch.Tensor  # int32 [N, G]
+    kg: torch.Tensor  # float32 [G], real K per group
+
+
+def pack_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: KernelShape,
+                formulation: str) -> PackedWeight:
+    """Pack uint8 codes [N, K] with their (scale, zero) [N, 1] or [N, G] for `formulation`."""
+    if codes.shape != (shape.n, shape.k):
+        raise ValueError(f"codes {tuple(codes.shape)} do not match the kernel shape "
+                         f"N={shape.n}, K={shape.k}")
+    if int(codes.max()) >= 1 << shape.wbits:
+        raise ValueError(f"codes reach {int(codes.max())}, beyond {shape.wbits}-bit")
+    g = shape.groups
+    if formulation in ("bitserial", "wo_bitserial"):
+        data = P.pack_bitplanes(codes, shape.wbits, shape.group_size)
+    else:
+        data = P.pack_nibbles(codes, shape.wbits, shape.group_size)
+    return PackedWeight(formulation, shape, data,
+                        scale.float().expand(shape.n, g).contiguous(),
+                        zero.float().expand(shape.n, g).contiguous(),
+                        P.group_sums(codes, shape.group_size, shape.kp),
+                        torch.tensor(shape.group_lengths(), dtype=torch.float32))
+
+
+def quantize_activations(x: torch.Tensor, bits: int, symmetric: bool = False):
+    """Per-token (codes uint8 [M, K], scale [M], zero [M]) on the same grid as the fake-quant ops."""
+    qmax = (1 << bits) - 1
+    s, z = compute_qparams(x.float(), qmax, symmetric)
+    codes = torch.round(x.float() / s + z).clamp_(0, qmax).to(torch.uint8)
+    return codes, s.view(-1).contiguous(), z.view(-1).contiguous()
+
+
+class Kernel:
+    """A compiled kernel for one (formulation, shape) with its schedule."""
+
+    def __init__(self, executable, formulation: str, shape: KernelShape, params: dict[str, Any],
+                 key: str = ""):
+        self.ex, self.formulation, self.shape, self.params, self.key = \
+            executable, formulation, shape, dict(params), key
+        self._main = executable["main"]
+        self._acc = executable["acc"]
+
+    @property
+    def weight_only(self) -> bool:
+        return self.formulation in WO_FORMULATIONS
+
+    def _act_inputs(self, x: torch.Tensor, act_symmetric: bool):
+        s = self.shape
+        if self.weight_only:
+            xf = x.float()
+            xp = torch.nn.functional.pad(xf, (0, s.kp - s.k)) if s.kp > s.k else xf
+            xs = xp.view(x.shape[0], s.groups, -1).sum(-1).contiguous()
+            data = xp.contiguous() if self.formulation == "wo_bitserial" else \
+                P.lookup_tables(xp, s.kp, torch.float32)
+            return data, (xs,)
+        codes, sx, zx = quantize_activations(x, s.abits, act_symmetric)
+        data = P.pack_bitplanes(codes, s.abits, s.group_size) if self.formulation == "bitserial" \
+            else P.lookup_tables(codes, s.kp)
+        return data, (sx, zx, P.group_sums(codes, s.group_size, s.kp))
+
+    def __call__(self, x: torch.Tensor, w: PackedWeight, act_symmetric: bool = False,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """y [M, N] float32 for float activations x [M, K]."""
+        if w.formulation != self.formulation or w.shape != self.shape:
+            raise ValueError(f"weight packed for {w.formulation} {w.shape} given to a "
+                             f"{self.formulation} {self.shape} kernel")
+        x = x.reshape(-1, self.shape.k)
+        data, act = self._act_inputs(x, act_symmetric)
+        y = out if out is not None else torch.empty(x.shape[0], self.shape.n, dtype=torch.float32)
+        if self.weight_only:
+            self._main(_dl(data), _dl(w.data), _dl(w.scale), _dl(w.zero), _dl(act[0]), _dl(y))
+        else:
+            sx, zx, sumx = act
+            self._main(_dl(data), _dl(w.data), _dl(sx), _dl(zx), _dl(sumx), _dl(w.scale),
+                       _dl(w.zero), _dl(w.sumw), _dl(w.kg), _dl(y))
+        return y
+
+    def accumulate(self, act_data: torch.Tensor, w: PackedWeight, m: int) -> torch.Tensor:
+        """The raw accumulator [M, N, G] (integer kernels: int32; weight-only: float32)."""
+        dtype = torch.float32 if self.weight_only else torch.int32
+        acc = torch.empty(m, self.shape.n, self.shape.groups, dtype=dtype)
+        self._acc(_dl(act_data), _dl(w.data), _dl(acc))
+        return acc
+
+
+def reference(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+              shape: KernelShape, act_symmetric: bool = False) -> torch.Tensor:
+    """The fake-quant result the kernels must reproduce, in float64."""
+    from ..quantizer import dequantize
+
+    w = dequantize(codes, scale.double(), zero.double(), shape.group_size)
+    if shape.abits == 16:
+        return x.double() @ w.T
+    c, s, z = quantize_activations(x, shape.abits, act_symmetric)
+    return ((c.double() - z.double()[:, None]) * s.double()[:, None]) @ w.T
+
+
+__all__ = ["Kernel", "PackedWeight", "pack_weight", "quantize_activations", "reference", "sym_zero"]
