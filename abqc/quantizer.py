@@ -37,7 +37,8 @@ def compute_qparams(x: torch.Tensor, qmax: int, symmetric: bool, group_size: int
     """Min/max (RTN) scale and zero point along the last dim of `x`.
 
     Returns tensors of shape [..., 1] (per row/token) or [..., G] (per group), in x's dtype.
-    Asymmetric grids always contain 0 (range widened to include it), as GPTQ does.
+    Asymmetric grids always contain 0 (range widened to include it), as GPTQ does, except
+    at 1 bit, where the two levels are the min and the max.
     `clip` (scalar or broadcastable tensor in (0, 1]) shrinks the range, for clipping search.
     """
     g = _grouped(x.float(), group_size)
@@ -48,6 +49,13 @@ def compute_qparams(x: torch.Tensor, qmax: int, symmetric: bool, group_size: int
         scale = 2 * amax / qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.full_like(scale, sym_zero(qmax))
+    elif qmax == 1:  # 1-bit asymmetric: the two levels are min and max (0 on the grid would
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # leave one useful level); zero is fractional
+        if clip is not None:
+            lo, hi = lo * clip, hi * clip
+        scale = hi - lo
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = -lo / scale
     else:
         lo = g.amin(dim=-1).clamp(max=0)
         hi = g.amax(dim=-1).clamp(min=0)

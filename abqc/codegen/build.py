@@ -24,13 +24,14 @@ def host_target() -> tvm.target.Target:
     return tvm.target.Target(cfg)
 
 
-def build(formulation: str, shape: KernelShape, params: dict[str, Any], target=None):
-    """An executable with ``main`` (accumulate + epilogue, float32 out) and ``acc`` (integer
-    or float accumulator [M, N, G] only, for exactness tests)."""
+def build(formulation: str, shape: KernelShape, params: dict[str, Any], target=None,
+          functions: tuple[str, ...] = ("main", "acc")):
+    """An executable with ``main`` (accumulate + epilogue, float32 out) and/or ``acc`` (the
+    integer or float accumulator [M, N, G] only, for exactness tests)."""
     if formulation not in COMPUTES:
         raise ValueError(f"formulation={formulation!r} is not one of {sorted(COMPUTES)}")
     make = COMPUTES[formulation]
-    funcs = {"main": schedule(make(shape, True), params, epilogue=True),
-             "acc": schedule(make(shape, False), params, epilogue=False)}
+    funcs = {name: schedule(make(shape, name == "main"), params, epilogue=name == "main")
+             for name in functions}
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     return tvm.compile(mod, target=target or host_target())

@@ -66,8 +66,9 @@ class Kernel:
                  key: str = ""):
         self.ex, self.formulation, self.shape, self.params, self.key = \
             executable, formulation, shape, dict(params), key
-        self._main = executable["main"]
-        self._acc = executable["acc"]
+        has = executable.mod.implements_function
+        self._main = executable["main"] if has("main") else None
+        self._acc = executable["acc"] if has("acc") else None
 
     @property
     def weight_only(self) -> bool:

@@ -9,7 +9,8 @@ log records). Loops of the accumulator block are ``m, n, g`` then the reduction 
   the reduction), ``"bits_inner"`` (k outside the bit-pair loops, each loaded word reused
   for all bit pairs, bit loops unrolled) or ``"n_inner"`` (reductions outside, the tile's
   outputs innermost, left to LLVM's vectoriser);
-- ``m_tile``: tokens per parallel task (GEMM); the (m, n) tiles are the parallel loop.
+- ``m_outer``: tokens outside the n tiles (the (m, n-tile) pairs are the parallel loop) or,
+  when false, inside each parallel n tile (a tile's weights are reused by every token).
 The epilogue is computed inside each tile (the accumulator never exists at full size).
 """
 from __future__ import annotations
@@ -26,22 +27,23 @@ def apply(sch: s_tir.Schedule, params: dict[str, Any], epilogue: bool) -> None:
     acc = sch.get_sblock("acc")
     loops = sch.get_loops(acc)
     m, n, g, *red = loops
-    mo, mi = sch.split(m, [None, params.get("m_tile", 1)])
     no, ni = sch.split(n, [None, params["n_tile"]])
     order = params["order"]
     k = red[-1]
     bits = red[:-1]
+    m_outer = params.get("m_outer", True)
+    outer = [m, no] if m_outer else [no, m]
     if order == "k_inner":
-        sch.reorder(mo, no, mi, ni, g, *bits, k)
+        sch.reorder(*outer, ni, g, *bits, k)
     elif order == "bits_inner":
-        sch.reorder(mo, no, mi, ni, g, k, *bits)
+        sch.reorder(*outer, ni, g, k, *bits)
         for b in bits:
             sch.unroll(b)
     elif order == "n_inner":
-        sch.reorder(mo, no, mi, g, *bits, k, ni)
+        sch.reorder(*outer, g, *bits, k, ni)
     else:
         raise ValueError(f"order={order!r} is not one of {ORDERS}")
-    par = sch.fuse(mo, no)
+    par = sch.fuse(m, no) if m_outer else no
     sch.parallel(par)
     if epilogue:
         for name in ("y64", "y"):
