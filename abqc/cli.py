@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
+    t = sub.add_parser("tune", help="auto-tune CPU kernels for shapes and bit widths, or show the log")
+    t.add_argument("--shapes", default="576x576", help="comma-separated NxK, e.g. 576x1536,4096x4096")
+    t.add_argument("--bits", default="W4A8", help="comma-separated WxAy, e.g. W2A8,W4A16")
+    t.add_argument("--m", default="1", help="comma-separated token counts (bucketed to 1, 16, 128)")
+    t.add_argument("--group-size", type=int, default=0)
+    t.add_argument("--log", default=None, metavar="PATH", help="tuning log (default: the cache's)")
+    t.add_argument("--show", action="store_true", help="print the tuning log as a table and exit")
     return parser
 
 
@@ -144,12 +151,44 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _parse_list(text: str, what: str, parse) -> list:
+    try:
+        return [parse(item.strip()) for item in text.split(",") if item.strip()]
+    except (ValueError, IndexError):
+        raise AbqcError(f"{what} {text!r} is not understood; e.g. "
+                        + {"shapes": "576x1536,4096x4096", "bits": "W2A8,W4A16", "m": "1,16"}[what]) from None
+
+
+def cmd_tune(args) -> int:
+    from .codegen import tuning
+    from .codegen.compute import KernelShape
+    from .config import ACT_BITS, WEIGHT_BITS
+
+    tlog = tuning.TuningLog(args.log)
+    if args.show:
+        print(tlog.table() if tlog.records else f"(no tuned kernels in {tlog.path})")
+        return 0
+    shapes = _parse_list(args.shapes, "shapes", lambda s: tuple(int(v) for v in s.lower().split("x", 1)))
+    bits = _parse_list(args.bits, "bits", lambda s: tuple(int(v) for v in s.upper()[1:].split("A", 1)))
+    ms = _parse_list(args.m, "m", int)
+    for w, a in bits:
+        if w not in WEIGHT_BITS or a not in ACT_BITS:
+            raise AbqcError(f"W{w}A{a} is not allowed; weights 1..8, activations 1..8 or 16")
+    for n, k in shapes:
+        for w, a in bits:
+            for m in ms:
+                rec = tuning.tune(KernelShape(n, k, w, a, args.group_size), m, tlog, progress=not args.quiet)
+                print(f"{rec['key']}: {rec['formulation']} {json.dumps(rec['params'])} {rec['ms']:.4f} ms")
+    print(f"tuning log: {tlog.path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="[abqc] %(message)s")
     try:
-        return {"compile": cmd_compile, "eval": cmd_eval}[args.cmd](args)
+        return {"compile": cmd_compile, "eval": cmd_eval, "tune": cmd_tune}[args.cmd](args)
     except AbqcError as e:
         print(f"abqc: error: {e}", file=sys.stderr)
         return 2

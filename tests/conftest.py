@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one TVM worker in tests: kernels here are tiny, and a spinning pool beside torch's (or
+# beside other jobs on a 2-core runner) is slow; threading is measured in bench/, not here
+os.environ.setdefault("TVM_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -74,3 +74,17 @@ def test_compile_with_a_calibrated_method(tmp_path, capsys):
     assert main(["compile", "--model", "tiny:llama", "--wbits", "3", "--method", "gptq",
                  "--solver", "sweps=3"]) == 2
     assert "unknown solver option(s) ['sweps']" in capsys.readouterr().err
+
+
+def test_tune_and_show(tmp_path, capsys):
+    log = tmp_path / "t.jsonl"
+    assert main(["-q", "tune", "--shapes", "40x70", "--bits", "W2A3,W3A16", "--log", str(log)]) == 0
+    out = capsys.readouterr().out
+    assert "|m1|n40|k70|w2|a3|g0" in out and "|w3|a16|" in out
+    assert main(["tune", "--show", "--log", str(log)]) == 0
+    shown = capsys.readouterr().out
+    assert shown.splitlines()[0].split()[:2] == ["key", "formulation"] and len(shown.splitlines()) == 3
+    assert main(["tune", "--bits", "W9A8", "--log", str(log)]) == 2
+    assert "W9A8 is not allowed" in capsys.readouterr().err
+    assert main(["tune", "--shapes", "40by70", "--log", str(log)]) == 2
+    assert "shapes '40by70'" in capsys.readouterr().err

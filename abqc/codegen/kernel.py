@@ -66,7 +66,8 @@ class Kernel:
                  key: str = ""):
         self.ex, self.formulation, self.shape, self.params, self.key = \
             executable, formulation, shape, dict(params), key
-        has = executable.mod.implements_function
+        mod = getattr(executable, "mod", executable)  # an Executable or a loaded runtime Module
+        has = mod.implements_function
         self._main = executable["main"] if has("main") else None
         self._acc = executable["acc"] if has("acc") else None
 

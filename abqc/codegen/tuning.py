@@ -1,0 +1,193 @@
+"""Auto-tuning: per (target, M bucket, N, K, wbits, abits, group) pick the formulation and
+schedule that runs fastest here, and remember it in a log a person can read and reuse.
+
+The log is JSON lines under ``<cache>/tuning/kernels.jsonl``: one record per tuned key
+(key, formulation, schedule parameters, time in ms, every candidate's time, date, TVM
+version, target). A key already in the log is never re-tuned; compiled kernels are kept
+under ``<cache>/kernels/`` so a second run compiles nothing.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import tvm
+
+from ..atomic import write_text
+from ..cache import cache_dir
+from .build import build, host_target
+from .compute import FORMULATIONS, WO_FORMULATIONS, KernelShape
+from .kernel import Kernel, pack_weight
+from .schedule import ORDERS
+
+log = logging.getLogger("abqc")
+
+#: token counts the kernels are tuned for; a call with M tokens uses the nearest bucket above
+M_BUCKETS = (1, 16, 128)
+
+
+def m_bucket(m: int) -> int:
+    return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
+
+
+def target_name(target=None) -> str:
+    t = target or host_target()
+    cfg = t.export() if hasattr(t, "export") else {}
+    return f"{cfg.get('kind', 'llvm')}-{cfg.get('mcpu', 'generic')}-{cfg.get('num-cores', 1)}c"
+
+
+def tuning_key(shape: KernelShape, m: int, target=None) -> str:
+    return (f"{target_name(target)}|m{m_bucket(m)}|n{shape.n}|k{shape.k}|w{shape.wbits}"
+            f"|a{shape.abits}|g{shape.group_size}")
+
+
+def candidates(shape: KernelShape, m: int) -> list[tuple[str, dict[str, Any]]]:
+    """The search space: both formulations x loop orders x n tiles (x m placement for GEMM)."""
+    forms = WO_FORMULATIONS if shape.abits == 16 else FORMULATIONS
+    out = []
+    for form in forms:
+        for order in ORDERS:
+            if order == "bits_inner" and form.endswith("lut"):
+                continue  # one bit loop: same as k_inner
+            for n_tile in (8, 16, 32):
+                for m_outer in ((True, False) if m_bucket(m) > 1 else (True,)):
+                    out.append((form, {"order": order, "n_tile": n_tile, "m_outer": m_outer}))
+    return out
+
+
+class TuningLog:
+    """The JSON-lines tuning log: read once, appended atomically (rewrite to temp + rename)."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path else cache_dir("tuning") / "kernels.jsonl"
+        self.records: dict[str, dict] = {}
+        if self.path.exists():
+            for i, line in enumerate(self.path.read_text(encoding="utf-8").splitlines()):
+                if line.strip():
+                    try:
+                        rec = json.loads(line)
+                        self.records[rec["key"]] = rec
+                    except (json.JSONDecodeError, KeyError):
+                        log.warning("tuning log %s line %d is not a record; ignored", self.path, i + 1)
+
+    def get(self, key: str) -> dict | None:
+        return self.records.get(key)
+
+    def add(self, record: dict) -> None:
+        self.records[record["key"]] = record
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records.values()))
+
+    def table(self) -> str:
+        """The log as an aligned text table (``abqc tune --show``)."""
+        rows = [("key", "formulation", "schedule", "ms", "tried", "date")]
+        for r in self.records.values():
+            p = r["params"]
+            rows.append((r["key"], r["formulation"],
+                         f"{p['order']} n{p['n_tile']}{'' if p.get('m_outer', True) else ' m-in'}",
+                         f"{r['ms']:.4f}", str(len(r.get("candidates", []))), r["date"][:16]))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def _random_case(shape: KernelShape, m: int, formulation: str):
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 1 << shape.wbits, (shape.n, shape.k), generator=g).to(torch.uint8)
+    g_count = shape.groups
+    w = pack_weight(codes, torch.rand(shape.n, g_count, generator=g) + 0.5,
+                    torch.zeros(shape.n, g_count), shape, formulation)
+    x = torch.randn(m, shape.k, generator=g)
+    return x, w
+
+
+def measure(kernel: Kernel, m: int, number: int = 0, min_seconds: float = 0.05) -> float:
+    """Median ms of the kernel's ``main`` (activation packing excluded) on random data."""
+    x, w = _random_case(kernel.shape, m, kernel.formulation)
+    data, act = kernel._act_inputs(x, False)
+    y = torch.empty(m, kernel.shape.n)
+    args = [data, w.data]
+    args += [w.scale, w.zero, act[0], y] if kernel.weight_only else \
+        [act[0], act[1], act[2], w.scale, w.zero, w.sumw, w.kg, y]
+    dl = [tvm.runtime.from_dlpack(a.contiguous()) for a in args]
+    mod = getattr(kernel.ex, "mod", kernel.ex)
+    f = mod.time_evaluator("main", tvm.cpu(), number=number or 1, repeat=5,
+                           min_repeat_ms=int(min_seconds * 1000))
+    return float(np.median(f(*dl).results) * 1e3)
+
+
+def _kernel_path(key: str, formulation: str, params: dict) -> Path:
+    digest = hashlib.sha1(json.dumps([key, formulation, params, tvm.__version__],
+                                     sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir("kernels") / f"{digest}.so"
+
+
+def load_or_build(shape: KernelShape, m: int, formulation: str, params: dict, target=None) -> Kernel:
+    """The compiled kernel from the on-disk cache, or built now and cached."""
+    key = tuning_key(shape, m, target)
+    path = _kernel_path(key, formulation, params)
+    if path.exists():
+        return Kernel(tvm.runtime.load_module(str(path)), formulation, shape, params, key)
+    ex = build(formulation, shape, params, target, functions=("main",))
+    fd, tmp = tempfile.mkstemp(prefix=".kernel.", suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        ex.export_library(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return Kernel(ex, formulation, shape, params, key)
+
+
+def tune(shape: KernelShape, m: int, tuning_log: TuningLog | None = None, target=None,
+         space: Iterable[tuple[str, dict]] | None = None, progress: bool = False) -> dict:
+    """Measure every candidate for (shape, M bucket), log the best; known keys return at once."""
+    tuning_log = tuning_log or TuningLog()
+    key = tuning_key(shape, m, target)
+    known = tuning_log.get(key)
+    if known is not None:
+        return known
+    mb = m_bucket(m)
+    tried = []
+    cands = list(space if space is not None else candidates(shape, mb))
+    t0 = time.perf_counter()
+    for form, params in cands:
+        kern = Kernel(build(form, shape, params, target, functions=("main",)), form, shape, params, key)
+        ms = measure(kern, mb)
+        tried.append({"formulation": form, "params": params, "ms": round(ms, 5)})
+        if progress:
+            log.info("  %-13s %-40s %.4f ms", form, json.dumps(params), ms)
+    best = min(tried, key=lambda r: r["ms"])
+    record = {"key": key, "formulation": best["formulation"], "params": best["params"],
+              "ms": best["ms"], "m": mb, "shape": {"n": shape.n, "k": shape.k, "wbits": shape.wbits,
+                                                   "abits": shape.abits, "group_size": shape.group_size},
+              "candidates": tried, "tuning_seconds": round(time.perf_counter() - t0, 2),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "tvm": tvm.__version__, "target": str(target or host_target())}
+    tuning_log.add(record)
+    log.info("tuned %s: %s %s %.4f ms (%d candidates, %.1fs)", key, best["formulation"],
+             json.dumps(best["params"]), best["ms"], len(tried), record["tuning_seconds"])
+    return record
+
+
+def kernel_for(shape: KernelShape, m: int, tuning_log: TuningLog | None = None,
+               tune_missing: bool = True, target=None) -> Kernel:
+    """The best known kernel for (shape, M): from the log (tuning it first if allowed and
+    missing, else a sensible default schedule), compiled from the disk cache when there."""
+    tuning_log = tuning_log or TuningLog()
+    rec = tuning_log.get(tuning_key(shape, m, target))
+    if rec is None and tune_missing:
+        rec = tune(shape, m, tuning_log, target)
+    if rec is None:
+        form = "wo_bitserial" if shape.abits == 16 else "bitserial"
+        rec = {"formulation": form, "params": {"order": "k_inner", "n_tile": 16, "m_outer": True}}
+    return load_or_build(shape, m, rec["formulation"], rec["params"], target)

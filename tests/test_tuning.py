@@ -1,0 +1,72 @@
+"""Tuning: the log is written, re-read, readable; known keys are never re-tuned; compiled
+kernels come from the disk cache on a second run."""
+import json
+
+import pytest
+import torch
+
+from abqc.codegen import tuning
+from abqc.codegen.compute import KernelShape
+from abqc.codegen.kernel import pack_weight, reference
+from abqc.quantizer import compute_qparams, quantize
+
+SHAPE = KernelShape(n=24, k=130, wbits=2, abits=4)
+SPACE = [("bitserial", {"order": "k_inner", "n_tile": 8, "m_outer": True}),
+         ("lut", {"order": "n_inner", "n_tile": 8, "m_outer": True})]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ABQC_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_tuning_log_is_written_reread_and_not_retuned(cache, monkeypatch):
+    rec = tuning.tune(SHAPE, 1, space=SPACE)
+    path = cache / "tuning" / "kernels.jsonl"
+    lines = [json.loads(l) for l in path.read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["key"] == rec["key"] == tuning.tuning_key(SHAPE, 1)
+    assert {c["formulation"] for c in lines[0]["candidates"]} == {"bitserial", "lut"}
+    assert rec["ms"] == min(c["ms"] for c in rec["candidates"]) and rec["tvm"].startswith("0.27")
+    assert "|m1|n24|k130|w2|a4|g0" in rec["key"]
+
+    built = []
+    monkeypatch.setattr(tuning, "build", lambda *a, **k: built.append(a) or pytest.fail("re-tuned"))
+    again = tuning.tune(SHAPE, 1, tuning.TuningLog())  # a fresh reader of the same file
+    assert again == rec and not built
+    table = tuning.TuningLog().table()
+    assert rec["key"] in table and rec["formulation"] in table
+
+
+def test_m_buckets_and_search_space():
+    assert [tuning.m_bucket(m) for m in (1, 2, 16, 17, 500)] == [1, 16, 16, 128, 128]
+    gemv = tuning.candidates(SHAPE, 1)
+    gemm = tuning.candidates(SHAPE, 64)
+    assert {f for f, _ in gemv} == {"bitserial", "lut"} and len(gemm) == 2 * len(gemv)
+    assert {f for f, _ in tuning.candidates(KernelShape(24, 130, 4, 16), 1)} == {"wo_bitserial", "wo_lut"}
+
+
+def test_second_run_loads_compiled_kernel_from_disk(cache, monkeypatch):
+    tuning.tune(SHAPE, 3, space=SPACE[:1])
+    k1 = tuning.kernel_for(SHAPE, 3)
+    assert len(list((cache / "kernels").glob("*.so"))) == 1
+    monkeypatch.setattr(tuning, "build", lambda *a, **k: pytest.fail("compiled again"))
+    k2 = tuning.kernel_for(SHAPE, 3)
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(24, 130, generator=g), torch.randn(3, 130, generator=g)
+    s, z = compute_qparams(w, 3, False)
+    codes = quantize(w, s, z, 3)
+    pw = pack_weight(codes, s, z, SHAPE, "bitserial")
+    y1, y2 = k1(x, pw), k2(x, pw)
+    assert torch.equal(y1, y2)
+    ref = reference(x, codes, s, z, SHAPE)
+    assert (y2.double() - ref).abs().max() / ref.abs().max() < 1e-4
+
+
+def test_corrupt_log_lines_are_skipped_with_a_warning(cache, caplog):
+    path = cache / "tuning" / "kernels.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"key": "a", "formulation": "bitserial", "params": {}, "ms": 1}\n{broken\n')
+    with caplog.at_level("WARNING", logger="abqc"):
+        log = tuning.TuningLog()
+    assert set(log.records) == {"a"} and "line 2" in caplog.text
