@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from tvm import te, tirx
 
-from .packing import TABLE_GROUP, WORD
+from .packing import TABLE_GROUP, WORD, padded_k
 
 FORMULATIONS = ("bitserial", "lut")
 WO_FORMULATIONS = ("wo_bitserial", "wo_lut")
@@ -36,8 +36,7 @@ class KernelShape:
 
     @property
     def kp(self) -> int:
-        unit = self.group_size or WORD
-        return -(-self.k // unit) * unit
+        return padded_k(self.k, self.group_size)
 
     @property
     def groups(self) -> int:
@@ -79,6 +78,14 @@ def _epilogue(acc, m, shape: KernelShape, weight_only: bool):
     return [sx, zx, sumx, sw, zw, sumw, kg], out
 
 
+def _prim_func(inputs, acc, m, shape: KernelShape, with_epilogue: bool, weight_only: bool):
+    """The accumulator alone (``acc`` out) or followed by the epilogue (float32 ``y`` out)."""
+    if not with_epilogue:
+        return te.create_prim_func([*inputs, acc])
+    extra, y = _epilogue(acc, m, shape, weight_only)
+    return te.create_prim_func([*inputs, *extra, y])
+
+
 def bitserial(shape: KernelShape, with_epilogue: bool = True):
     m = te.var("m")
     kw, g_count = shape.kp // WORD, shape.groups
@@ -91,27 +98,36 @@ def bitserial(shape: KernelShape, with_epilogue: bool = True):
     acc = te.compute((m, shape.n, g_count), lambda a, b, g: te.sum(
         tirx.popcount(x[i, a, g * kwg + k] & w[j, b, g * kwg + k]).astype("int32")
         << (i + j).astype("int32"), axis=[i, j, k]), name="acc")
-    if not with_epilogue:
-        return te.create_prim_func([x, w, acc])
-    extra, y = _epilogue(acc, m, shape, weight_only=False)
-    return te.create_prim_func([x, w, *extra, y])
+    return _prim_func([x, w], acc, m, shape, with_epilogue, weight_only=False)
 
 
-def lut(shape: KernelShape, with_epilogue: bool = True):
+def _table(shape: KernelShape, with_epilogue: bool, weight_only: bool):
+    """``acc = Σ_j 2^j Σ_kk T[kk, W_j[kk]]``: int16 tables of codes, or float32 tables of x."""
     m = te.var("m")
     kt, g_count = shape.kp // TABLE_GROUP, shape.groups
     ktg = kt // g_count
-    t = te.placeholder((m, kt, 1 << TABLE_GROUP), "int16", name="T")
+    t = te.placeholder((m, kt, 1 << TABLE_GROUP), "float32" if weight_only else "int16", name="T")
     w = te.placeholder((shape.wbits, shape.n, kt), "uint8", name="Wn")
     j = te.reduce_axis((0, shape.wbits), "j")
     k = te.reduce_axis((0, ktg), "k")
-    acc = te.compute((m, shape.n, g_count), lambda a, b, g: te.sum(
-        t[a, g * ktg + k, w[j, b, g * ktg + k]].astype("int32") << j.astype("int32"),
-        axis=[j, k]), name="acc")
-    if not with_epilogue:
-        return te.create_prim_func([t, w, acc])
-    extra, y = _epilogue(acc, m, shape, weight_only=False)
-    return te.create_prim_func([t, w, *extra, y])
+
+    def term(a, b, g):
+        entry = t[a, g * ktg + k, w[j, b, g * ktg + k]]
+        if weight_only:
+            return entry * (1 << j).astype("float32")
+        return entry.astype("int32") << j.astype("int32")
+
+    acc = te.compute((m, shape.n, g_count), lambda a, b, g: te.sum(term(a, b, g), axis=[j, k]),
+                     name="acc")
+    return _prim_func([t, w], acc, m, shape, with_epilogue, weight_only)
+
+
+def lut(shape: KernelShape, with_epilogue: bool = True):
+    return _table(shape, with_epilogue, weight_only=False)
+
+
+def wo_lut(shape: KernelShape, with_epilogue: bool = True):
+    return _table(shape, with_epilogue, weight_only=True)
 
 
 def wo_bitserial(shape: KernelShape, with_epilogue: bool = True):
@@ -130,27 +146,7 @@ def wo_bitserial(shape: KernelShape, with_epilogue: bool = True):
     acc = te.compute((m, shape.n, g_count), lambda a, b, g: te.sum(
         x[a, g * kg + k] * bit(j, b, g * kg + k) * (1 << j).astype("float32"),
         axis=[j, k]), name="acc")
-    if not with_epilogue:
-        return te.create_prim_func([x, w, acc])
-    extra, y = _epilogue(acc, m, shape, weight_only=True)
-    return te.create_prim_func([x, w, *extra, y])
-
-
-def wo_lut(shape: KernelShape, with_epilogue: bool = True):
-    m = te.var("m")
-    kt, g_count = shape.kp // TABLE_GROUP, shape.groups
-    ktg = kt // g_count
-    t = te.placeholder((m, kt, 1 << TABLE_GROUP), "float32", name="T")
-    w = te.placeholder((shape.wbits, shape.n, kt), "uint8", name="Wn")
-    j = te.reduce_axis((0, shape.wbits), "j")
-    k = te.reduce_axis((0, ktg), "k")
-    acc = te.compute((m, shape.n, g_count), lambda a, b, g: te.sum(
-        t[a, g * ktg + k, w[j, b, g * ktg + k]] * (1 << j).astype("float32"),
-        axis=[j, k]), name="acc")
-    if not with_epilogue:
-        return te.create_prim_func([t, w, acc])
-    extra, y = _epilogue(acc, m, shape, weight_only=True)
-    return te.create_prim_func([t, w, *extra, y])
+    return _prim_func([x, w], acc, m, shape, with_epilogue, weight_only=True)
 
 
 COMPUTES = {"bitserial": bitserial, "lut": lut, "wo_bitserial": wo_bitserial, "wo_lut": wo_lut}

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 import tvm
 
-from ..config import sym_zero
-from ..quantizer import compute_qparams
+from ..quantizer import compute_qparams, dequantize
 from . import packing as P
 from .compute import WO_FORMULATIONS, KernelShape
 
@@ -75,7 +74,8 @@ class Kernel:
     def weight_only(self) -> bool:
         return self.formulation in WO_FORMULATIONS
 
-    def _act_inputs(self, x: torch.Tensor, act_symmetric: bool):
+    def activation_inputs(self, x: torch.Tensor, act_symmetric: bool):
+        """What ``main`` reads for activations x [M, K]: (packed data, per-token extras)."""
         s = self.shape
         if self.weight_only:
             xf = x.float()
@@ -96,7 +96,7 @@ class Kernel:
             raise ValueError(f"weight packed for {w.formulation} {w.shape} given to a "
                              f"{self.formulation} {self.shape} kernel")
         x = x.reshape(-1, self.shape.k)
-        data, act = self._act_inputs(x, act_symmetric)
+        data, act = self.activation_inputs(x, act_symmetric)
         y = out if out is not None else torch.empty(x.shape[0], self.shape.n, dtype=torch.float32)
         if self.weight_only:
             self._main(_dl(data), _dl(w.data), _dl(w.scale), _dl(w.zero), _dl(act[0]), _dl(y))
@@ -117,8 +117,6 @@ class Kernel:
 def reference(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
               shape: KernelShape, act_symmetric: bool = False) -> torch.Tensor:
     """The fake-quant result the kernels must reproduce, in float64."""
-    from ..quantizer import dequantize
-
     w = dequantize(codes, scale.double(), zero.double(), shape.group_size)
     if shape.abits == 16:
         return x.double() @ w.T
@@ -126,4 +124,4 @@ def reference(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: t
     return ((c.double() - z.double()[:, None]) * s.double()[:, None]) @ w.T
 
 
-__all__ = ["Kernel", "PackedWeight", "pack_weight", "quantize_activations", "reference", "sym_zero"]
+__all__ = ["Kernel", "PackedWeight", "pack_weight", "quantize_activations", "reference"]

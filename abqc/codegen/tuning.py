@@ -108,17 +108,17 @@ def _random_case(shape: KernelShape, m: int, formulation: str):
     return x, w
 
 
-def measure(kernel: Kernel, m: int, number: int = 0, min_seconds: float = 0.05) -> float:
+def measure(kernel: Kernel, m: int, min_seconds: float = 0.05) -> float:
     """Median ms of the kernel's ``main`` (activation packing excluded) on random data."""
     x, w = _random_case(kernel.shape, m, kernel.formulation)
-    data, act = kernel._act_inputs(x, False)
+    data, act = kernel.activation_inputs(x, False)
     y = torch.empty(m, kernel.shape.n)
     args = [data, w.data]
     args += [w.scale, w.zero, act[0], y] if kernel.weight_only else \
         [act[0], act[1], act[2], w.scale, w.zero, w.sumw, w.kg, y]
     dl = [tvm.runtime.from_dlpack(a.contiguous()) for a in args]
     mod = getattr(kernel.ex, "mod", kernel.ex)
-    f = mod.time_evaluator("main", tvm.cpu(), number=number or 1, repeat=5,
+    f = mod.time_evaluator("main", tvm.cpu(), number=1, repeat=5,
                            min_repeat_ms=int(min_seconds * 1000))
     return float(np.median(f(*dl).results) * 1e3)
 

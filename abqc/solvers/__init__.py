@@ -39,26 +39,31 @@ def solve_quantease(w, sigma, spec, opts: SolverOptions, notes: list[str]) -> So
     return _result(grid, w_hat)
 
 
-def solve_gptq(w, sigma, spec, opts: SolverOptions, notes: list[str]) -> SolveResult:
+def _gptq(w, sigma, spec, opts: SolverOptions, notes: list[str]):
+    """(Ŵ, grid) from GPTQ, or None (with a note) when its Cholesky fails."""
     try:
-        w_hat, grid = gptq(w, sigma, spec, percdamp=opts.percdamp, blocksize=opts.blocksize,
-                           act_order=opts.act_order, static_groups=opts.static_groups,
-                           damp_retries=opts.damp_retries, notes=notes)
+        return gptq(w, sigma, spec, percdamp=opts.percdamp, blocksize=opts.blocksize,
+                    act_order=opts.act_order, static_groups=opts.static_groups,
+                    damp_retries=opts.damp_retries, notes=notes)
     except CholeskyError as e:
         notes.append(f"GPTQ failed ({e}); fell back to QuantEase")
+        return None
+
+
+def solve_gptq(w, sigma, spec, opts: SolverOptions, notes: list[str]) -> SolveResult:
+    done = _gptq(w, sigma, spec, opts, notes)
+    if done is None:
         return solve_quantease(w, sigma, spec, opts, notes)
+    w_hat, grid = done
     return _result(grid, w_hat)
 
 
 def solve_gptq_quantease(w, sigma, spec, opts: SolverOptions, notes: list[str]) -> SolveResult:
     """GPTQ's grid and rounded weights as the start, the original W as the target."""
-    try:
-        start, grid = gptq(w, sigma, spec, percdamp=opts.percdamp, blocksize=opts.blocksize,
-                           act_order=opts.act_order, static_groups=opts.static_groups,
-                           damp_retries=opts.damp_retries, notes=notes)
-    except CholeskyError as e:
-        notes.append(f"GPTQ start failed ({e}); plain QuantEase")
+    done = _gptq(w, sigma, spec, opts, notes)
+    if done is None:
         return solve_quantease(w, sigma, spec, opts, notes)
+    start, grid = done
     w_hat = quantease(w, sigma, grid, opts.sweeps, opts.relax, opts.act_order, opts.blocksize,
                       start=start)
     # relaxed sweeps may wander; never return worse than the GPTQ start

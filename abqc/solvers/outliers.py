@@ -12,7 +12,7 @@ import torch
 
 from ..config import QuantSpec
 from .grid import Grid
-from .quantease import cd_sweep, normalised_gram, relaxed
+from .quantease import cd_sweep, normalised_gram, rounds
 
 
 def top_k(h: torch.Tensor, fraction: float, structured: bool) -> torch.Tensor:
@@ -43,7 +43,7 @@ def quantease_outlier(w: torch.Tensor, sigma: torch.Tensor, spec: QuantSpec, *,
     what_t = (w - h).T.contiguous()
     best, best_err = None, float("inf")
     for i in range(sweeps):
-        rounded = i == sweeps - 1 or not (relax and relaxed(i, sweeps))
+        rounded = rounds(i, sweeps, relax)
         cd_sweep((w - h).T.contiguous(), what_t, n, grid, round_=rounded, blocksize=blocksize)
         # IHT step on H, with Ŵ fixed: gradient 2 (H + Ŵ - W) Σ, step 1 / (2 λ_max)
         resid = h + what_t.T - w

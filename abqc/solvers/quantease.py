@@ -29,9 +29,10 @@ def normalised_gram(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return n, dead
 
 
-def relaxed(sweep: int, sweeps: int) -> bool:
-    """The reference schedule: sweeps 1, 4, 7, ... skip rounding; the last four always round."""
-    return sweep % 3 == 1 and sweep < sweeps - 4
+def rounds(sweep: int, sweeps: int, relax: bool) -> bool:
+    """Whether sweep `sweep` rounds. The reference schedule (``relax``): sweeps 1, 4, 7, ...
+    skip rounding, the last four always round; without it every sweep rounds."""
+    return not (relax and sweep % 3 == 1 and sweep < sweeps - 4)
 
 
 def cd_sweep(target_t: torch.Tensor, what_t: torch.Tensor, n: torch.Tensor, grid: Grid,
@@ -76,9 +77,7 @@ def quantease(w: torch.Tensor, sigma: torch.Tensor, grid: Grid, sweeps: int = 30
     what_t = what.T.contiguous()
     n = n.contiguous()
     for i in range(sweeps):
-        last = i == sweeps - 1
-        cd_sweep(target_t, what_t, n, grid, round_=last or not (relax and relaxed(i, sweeps)),
-                 blocksize=blocksize)
+        cd_sweep(target_t, what_t, n, grid, round_=rounds(i, sweeps, relax), blocksize=blocksize)
     what = what_t.T
     if perm is not None:
         what = what[:, torch.argsort(perm)]

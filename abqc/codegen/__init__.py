@@ -1,0 +1,5 @@
+"""CPU kernels generated with TVM TensorIR: packing -> compute -> schedule -> build -> tuning.
+
+`tuning.kernel_for(shape, m)` is the entry point: the best known kernel for a linear of
+that shape and bit widths, tuned once and compiled once per machine.
+"""
