@@ -9,16 +9,7 @@ from abqc.solvers import SOLVERS, solve
 from abqc.solvers.grid import Grid
 from abqc.solvers.gptq import gptq
 from abqc.solvers.quantease import cd_sweep, normalised_gram
-
-
-def synthetic_layer(n=128, k=192, t=2048, outlier_channels=4, seed=0):
-    """W [n, k] and Σ = X Xᵀ / t for correlated inputs with a few large channels."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(k, k, generator=g) / k ** 0.5 + torch.eye(k)
-    x = torch.randn(t, k, generator=g) @ mix
-    x[:, :outlier_channels] *= 20
-    w = torch.randn(n, k, generator=g) * 0.05
-    return w, x.T @ x / t
+from abqc.solvers.synthetic import synthetic_layer
 
 
 def objective(w, w_hat, sigma):
