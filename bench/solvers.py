@@ -48,16 +48,20 @@ def run_one(args) -> dict:
     if method == "quantease_outlier":
         solver_options.setdefault("outlier_fraction", 0.01)
     t0 = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     cm = abqc.compile(model, wbits=CONFIGS[name], abits=16, method=method, group_size=int(gs),
                       tokenizer=tok, nsamples=args.nsamples, seqlen=args.calib_seqlen,
                       solver_options=solver_options)
     compile_s = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    compile_cpu_s = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     peak_calib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     calib_s = sum(dt for _, n, dt in cm.pass_timings if n == "Calibrate")
     stats = cm.calibration_stats
     r = abqc.eval.perplexity_of_windows(cm, windows, desc=args.one)
     r.update(config=name, wbits=CONFIGS[name], abits=16, group_size=int(gs), method=method,
              solver_options=solver_options, compile_seconds=round(compile_s, 1),
+             compile_cpu_seconds=round(compile_cpu_s, 1),
              calibration_seconds=round(calib_s, 1), peak_rss_mb_calibration=round(peak_calib),
              mean_rel_error=(sum(s["rel_error"] for s in stats.values()) / len(stats)) if stats else None,
              notes=sorted({n for s in stats.values() for n in s["notes"] if "outliers" not in n}))
