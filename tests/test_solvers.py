@@ -167,3 +167,22 @@ def test_bad_method_and_options_are_refused(layer):
         solve("quantease_outlier", w, sigma, spec, outlier_fraction=2)
     with pytest.raises(abqc.ConfigError, match="Σ"):
         solve("gptq", w, sigma[:5, :5], spec)
+
+
+def test_quantease_damping_moves_the_solution_towards_rounding(layer):
+    """qe_damp is a ridge: 0 is the reference solver; larger values pull Ŵ towards RTN codes
+    and cost objective on the calibration Σ itself (the price paid for transfer)."""
+    w, sigma = layer
+    spec = QuantSpec(bits=3)
+    rtn = solve("rtn", w, sigma, spec)
+    plain = solve("quantease", w, sigma, spec, sweeps=8)
+    assert torch.equal(solve("quantease", w, sigma, spec, sweeps=8, qe_damp=0.0).codes, plain.codes)
+    diffs, errs = [], []
+    for damp in (0.0, 0.3, 10.0):
+        r = solve("quantease", w, sigma, spec, sweeps=8, qe_damp=damp)
+        diffs.append(int((r.codes != rtn.codes).sum()))
+        errs.append(r.stats["rel_error"])
+    assert diffs[0] > diffs[1] > diffs[2], diffs
+    assert errs[0] < errs[1] < errs[2] <= rtn.stats["rel_error"] * 1.0001, errs
+    with pytest.raises(abqc.ConfigError, match="qe_damp=-1"):
+        solve("quantease", w, sigma, spec, qe_damp=-1)

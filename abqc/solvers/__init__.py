@@ -17,7 +17,7 @@ from .gptq import CholeskyError, gptq
 from .grid import Grid
 from .options import SolverOptions
 from .outliers import quantease_outlier
-from .quantease import quantease
+from .quantease import damped, quantease
 from .result import SolveResult, relative_error
 
 log = logging.getLogger("abqc")
@@ -35,7 +35,8 @@ def solve_rtn(w, sigma, spec, opts: SolverOptions, notes: list[str]) -> SolveRes
 
 def solve_quantease(w, sigma, spec, opts: SolverOptions, notes: list[str]) -> SolveResult:
     grid = Grid.fit(w, spec)
-    w_hat = quantease(w, sigma, grid, opts.sweeps, opts.relax, opts.act_order, opts.blocksize)
+    w_hat = quantease(w, damped(sigma, opts.qe_damp), grid, opts.sweeps, opts.relax,
+                      opts.act_order, opts.blocksize)
     return _result(grid, w_hat)
 
 
@@ -64,8 +65,8 @@ def solve_gptq_quantease(w, sigma, spec, opts: SolverOptions, notes: list[str]) 
     if done is None:
         return solve_quantease(w, sigma, spec, opts, notes)
     start, grid = done
-    w_hat = quantease(w, sigma, grid, opts.sweeps, opts.relax, opts.act_order, opts.blocksize,
-                      start=start)
+    w_hat = quantease(w, damped(sigma, opts.qe_damp), grid, opts.sweeps, opts.relax,
+                      opts.act_order, opts.blocksize, start=start)
     # relaxed sweeps may wander; never return worse than the GPTQ start
     if relative_error(w, w_hat, sigma) > relative_error(w, start, sigma):
         notes.append("QuantEase sweeps did not improve on GPTQ; kept GPTQ's weights")
@@ -75,7 +76,7 @@ def solve_gptq_quantease(w, sigma, spec, opts: SolverOptions, notes: list[str]) 
 
 def solve_quantease_outlier(w, sigma, spec, opts: SolverOptions, notes: list[str]) -> SolveResult:
     w_hat, grid, h = quantease_outlier(
-        w, sigma, spec, fraction=opts.outlier_fraction,
+        w, damped(sigma, opts.qe_damp), spec, fraction=opts.outlier_fraction,
         structured=opts.outlier_structure == "structured", sweeps=opts.sweeps,
         relax=opts.relax, blocksize=opts.blocksize)
     notes.append(f"{int((h != 0).sum())} outliers ({opts.outlier_structure})")

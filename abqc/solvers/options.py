@@ -27,6 +27,7 @@ class SolverOptions:
     # QuantEase
     sweeps: int = 30  # coordinate-descent sweeps over all columns
     relax: bool = True  # sweeps 1, 4, 7, ... skip rounding (the reference schedule)
+    qe_damp: float = 0.0  # Σ += qe_damp * mean(diag Σ) * I before the sweeps (0 = reference)
     # outlier-aware QuantEase
     outlier_fraction: float = 0.01  # share of entries (unstructured) or columns (structured)
     outlier_structure: str = "unstructured"
@@ -34,6 +35,8 @@ class SolverOptions:
     def __post_init__(self):
         if not 0 <= self.percdamp <= 10:
             raise ConfigError(f"percdamp={self.percdamp!r} is not allowed; use a number in [0, 10]")
+        if not 0 <= self.qe_damp <= 10:
+            raise ConfigError(f"qe_damp={self.qe_damp!r} is not allowed; use a number in [0, 10]")
         for name in ("blocksize", "sweeps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

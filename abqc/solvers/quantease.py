@@ -17,6 +17,15 @@ import torch
 from .grid import Grid
 
 
+def damped(sigma: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Σ + fraction * mean(diag Σ) * I: a ridge towards plain rounding, which keeps the
+    solution from fitting directions the calibration text excites but other text does not."""
+    if fraction <= 0:
+        return sigma
+    d = torch.diagonal(sigma)
+    return sigma + fraction * d[d > 0].mean() * torch.eye(sigma.shape[0], dtype=sigma.dtype)
+
+
 def normalised_gram(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N = Σ / diag Σ column-wise, dead-column mask). Dead columns (Σ_jj = 0) get N_:,j = 0."""
     sigma = sigma.float()
