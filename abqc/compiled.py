@@ -9,9 +9,9 @@ from torch import nn
 from torch.fx import GraphModule
 from transformers.modeling_outputs import CausalLMOutput
 
-from .capture import linear_nodes, module_path
+from .capture import PATH_KEY, is_linear, module_path
 from .config import CompileConfig, LinearAnnotation
-from .ir import ANNOT_KEY, format_graph
+from .ir import ANNOT_KEY, format_graph, is_qlinear
 
 
 class CompiledModel(nn.Module):
@@ -38,7 +38,8 @@ class CompiledModel(nn.Module):
     @property
     def annotations(self) -> dict[str, LinearAnnotation | None]:
         """Module path -> quantization of every linear (None: kept in float)."""
-        return {module_path(n): n.meta.get(ANNOT_KEY) for n in linear_nodes(self.graph_module)}
+        return {n.meta.get(PATH_KEY) or module_path(n): n.meta.get(ANNOT_KEY)
+                for n in self.graph_module.graph.nodes if is_linear(n) or is_qlinear(n)}
 
     @property
     def calibration_stats(self) -> dict[str, dict]:

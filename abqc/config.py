@@ -79,6 +79,7 @@ class LinearAnnotation:
         return f"{w} | {a} | {self.method}"
 
 
+BACKENDS = ("kernels", "fake_quant")
 METHODS = ("rtn", "gptq", "quantease", "quantease_outlier", "gptq_quantease")
 
 #: Fields an override may set for the modules its regex matches.
@@ -115,6 +116,10 @@ class CompileConfig:
     seed: int = 0
     calib_corpus: str = "pydoc"
     solver_options: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"sweeps": 30}
+    # lowering: "kernels" runs quantized linears on the generated integer kernels;
+    # "fake_quant" keeps the float graph with quantize/dequantize ops (the reference)
+    backend: str = "kernels"
+    tune: bool | None = None  # tune unknown kernel keys now (None: unless ABQC_TUNE=0)
     # capture
     max_seq_len: int | None = None
     # reporting
@@ -127,6 +132,8 @@ class CompileConfig:
         _check_group(self.group_size)
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is not allowed; use one of {list(METHODS)}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend={self.backend!r} is not allowed; use one of {list(BACKENDS)}")
         for name in ("nsamples", "seqlen"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

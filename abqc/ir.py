@@ -13,6 +13,15 @@ from .capture import PATH_KEY, is_linear
 ANNOT_KEY = "abqc"
 #: node.meta key saying what an inserted node is for ("act_quant", "weight_quant", ...).
 ROLE_KEY = "abqc.role"
+#: node.meta key of a lowered linear's kernels: M bucket -> tuning-log key.
+KERNELS_KEY = "abqc.kernels"
+#: node.meta key saying why a linear stayed in float after lowering.
+FLOAT_REASON_KEY = "abqc.float_reason"
+
+
+def is_qlinear(node: Node) -> bool:
+    """A lowered linear: ``abqc::qlinear`` (matched by name: the op registers on import)."""
+    return node.op == "call_function" and str(node.target) == "abqc.qlinear.default"
 
 
 def _shape(node: Node) -> str:
@@ -53,10 +62,14 @@ def format_node(node: Node) -> str:
         args = [_arg(a) for a in node.args] + [f"{k}={_arg(v)}" for k, v in node.kwargs.items()]
         body = f"{_target(node)}({', '.join(args)})"
     notes = []
-    if is_linear(node) and PATH_KEY in node.meta:
+    if (is_linear(node) or is_qlinear(node)) and PATH_KEY in node.meta:
         notes.append(node.meta[PATH_KEY])
         ann = node.meta.get(ANNOT_KEY)
         notes.append(f"[{ann.describe()}]" if ann else "[float]")
+        if FLOAT_REASON_KEY in node.meta:
+            notes.append(f"float: {node.meta[FLOAT_REASON_KEY]}")
+        if KERNELS_KEY in node.meta:
+            notes.append("kernels " + " ".join(f"m{b}={k}" for b, k in node.meta[KERNELS_KEY].items()))
     elif ROLE_KEY in node.meta:
         notes.append(f"{node.meta[ROLE_KEY]} of {node.meta.get(PATH_KEY, '?')}")
     return f"{head} = {body}" + (f"    # {'  '.join(notes)}" if notes else "")
@@ -65,8 +78,9 @@ def format_node(node: Node) -> str:
 def format_graph(gm: GraphModule, title: str | None = None) -> str:
     """The whole graph as text, headed by a summary of its linears."""
     nodes = list(gm.graph.nodes)
-    lin = [n for n in nodes if is_linear(n)]
+    lin = [n for n in nodes if is_linear(n) or is_qlinear(n)]
     quant = [n for n in lin if n.meta.get(ANNOT_KEY)]
     head = [f"# {title}" if title else "# abqc IR",
-            f"# {len(nodes)} nodes, {len(lin)} linears, {len(quant)} quantized"]
+            f"# {len(nodes)} nodes, {len(lin)} linears, {len(quant)} quantized, "
+            f"{sum(is_qlinear(n) for n in lin)} on kernels"]
     return "\n".join(head + [format_node(n) for n in nodes]) + "\n"

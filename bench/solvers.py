@@ -50,7 +50,8 @@ def run_one(args) -> dict:
     t0 = time.perf_counter()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     cm = abqc.compile(model, wbits=CONFIGS[name], abits=16, method=method, group_size=int(gs),
-                      tokenizer=tok, nsamples=args.nsamples, seqlen=args.calib_seqlen,
+                      tokenizer=tok, backend="fake_quant", nsamples=args.nsamples,
+                      seqlen=args.calib_seqlen,
                       solver_options=solver_options)
     compile_s = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)

@@ -7,6 +7,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # one TVM worker in tests: kernels here are tiny, and a spinning pool beside torch's (or
 # beside other jobs on a 2-core runner) is slow; threading is measured in bench/, not here
 os.environ.setdefault("TVM_NUM_THREADS", "1")
+# compiles in tests use the default kernel schedule; tuning is tested on its own
+os.environ.setdefault("ABQC_TUNE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -80,11 +80,18 @@ def test_every_method_compiles_and_outliers_are_graph_nodes(tiny_models, calib_a
     calib, test = calib_and_test
     rtn = _held_out_error(abqc.compile(m, wbits=3, method="rtn"), m, test)
     for method in ("quantease", "gptq_quantease", "quantease_outlier"):
-        cm = abqc.compile(m, wbits=3, method=method, calib=calib, solver_options={"sweeps": 6})
+        cm = abqc.compile(m, wbits=3, method=method, calib=calib, solver_options={"sweeps": 6},
+                          backend="fake_quant")
         assert _held_out_error(cm, m, test) < rtn, method
         adds = [n for n in cm.graph_module.graph.nodes if n.target is OPS.add_outliers.default]
         assert len(adds) == (len(cm.calibration_stats) if method == "quantease_outlier" else 0)
     assert "add_outliers" in cm.ir()
+    # lowered: the sparse outliers ride along into each qlinear, and the logits agree
+    low = abqc.compile(m, wbits=3, method="quantease_outlier", calib=calib,
+                       solver_options={"sweeps": 6})
+    q = [n for n in low.graph_module.graph.nodes if str(n.target) == "abqc.qlinear.default"]
+    assert sum(n.args[8] is not None for n in q) == len(low.calibration_stats) > 0
+    torch.testing.assert_close(low(test).logits, cm(test).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_calibration_with_quantized_activations_and_overrides(tiny_models, calib_and_test):

@@ -16,9 +16,11 @@ def test_compile_dumps_one_readable_file_per_pass(tmp_path, capsys):
     assert rc == 0
     files = sorted(p.name for p in out.iterdir())
     assert files == ["000_AnnotateQuant.txt", "001_InsertQuantDequant.txt", "002_RoundToNearest.txt",
-                     "003_QuantDequantFusion.txt", "input.txt"]
-    final = (out / "003_QuantDequantFusion.txt").read_text()
+                     "003_QuantDequantFusion.txt", "004_LowerToKernels.txt", "input.txt"]
+    final = (out / "004_LowerToKernels.txt").read_text()
     assert "model.layers.0.mlp.down_proj  [W8b per-channel asym | A8b per-token asym dynamic | rtn]" in final
+    assert "w=8,a=8" in final and "kernels m1=" in final
+    assert "lm_head  [float]  float: not quantized (excluded by the config)" in final
     assert "model.layers.1.self_attn.q_proj  [W4b per-channel asym | A8b" in final
     assert "14/15 linears quantized" in capsys.readouterr().out
 

@@ -69,22 +69,29 @@ def test_dump_print_and_timing_instruments(toy, tmp_path):
         pipeline("rtn", CompileConfig(wbits=4, abits=8))(gm)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["000_AnnotateQuant.txt", "001_InsertQuantDequant.txt",
-                     "002_RoundToNearest.txt", "003_QuantDequantFusion.txt", "input.txt"]
+                     "002_RoundToNearest.txt", "003_QuantDequantFusion.txt",
+                     "004_LowerToKernels.txt", "input.txt"]
     assert "abqc.quantize" not in (tmp_path / "000_AnnotateQuant.txt").read_text()
     after_insert = (tmp_path / "001_InsertQuantDequant.txt").read_text()
     assert "abqc.quantize" in after_insert and "fc1" in after_insert
     assert "abqc.quantize" not in (tmp_path / "003_QuantDequantFusion.txt").read_text()
     assert "abqc.fake_quant" in (tmp_path / "003_QuantDequantFusion.txt").read_text()
-    assert out.getvalue().count("# after ") == 4
+    lowered = (tmp_path / "004_LowerToKernels.txt").read_text()
+    assert lowered.count("abqc.qlinear(") == 3 and "abqc.fake_quant" not in lowered
+    assert out.getvalue().count("# after ") == 5
     assert [name for _, name, _ in timings.records] == ["AnnotateQuant", "InsertQuantDequant",
-                                                      "RoundToNearest", "QuantDequantFusion"]
+                                                      "RoundToNearest", "QuantDequantFusion",
+                                                      "LowerToKernels"]
     assert all(dt >= 0 for *_, dt in timings.records) and "total" in timings.report()
 
 
 def test_pipeline_registry():
     seq = pipeline("rtn")
     assert [p.name for p in seq.passes] == ["AnnotateQuant", "InsertQuantDequant",
-                                            "RoundToNearest", "QuantDequantFusion"]
+                                            "RoundToNearest", "QuantDequantFusion",
+                                            "LowerToKernels"]
+    assert [p.name for p in pipeline("rtn", CompileConfig(backend="fake_quant")).passes][-1] == \
+        "QuantDequantFusion"
     assert "AnnotateQuant" in repr(seq)
     with pytest.raises(ConfigError, match="'nope'.*known pipelines"):
         pipeline("nope")

@@ -14,18 +14,24 @@ from .calibrate import Calibrate
 from .base import Pass, PassContext, PassInstrument, Sequential
 from .fuse_qdq import QuantDequantFusion
 from .insert_qdq import InsertQuantDequant
+from .lower import LowerToKernels
 from .instruments import DumpIR, PassTimings, PrintIR
 from .rtn import RoundToNearest
 
 
+def _lowering(config: CompileConfig) -> list[Pass]:
+    return [LowerToKernels(tune=config.tune)] if config.backend == "kernels" else []
+
+
 def _rtn(config: CompileConfig) -> list[Pass]:
-    return [AnnotateQuant(config), InsertQuantDequant(), RoundToNearest(), QuantDequantFusion()]
+    return [AnnotateQuant(config), InsertQuantDequant(), RoundToNearest(), QuantDequantFusion(),
+            *_lowering(config)]
 
 
 def _calibrated(config: CompileConfig) -> list[Pass]:
     return [AnnotateQuant(config), InsertQuantDequant(),
             Calibrate(solver_options=dict(config.solver_options)),
-            RoundToNearest(), QuantDequantFusion()]
+            RoundToNearest(), QuantDequantFusion(), *_lowering(config)]
 
 
 PIPELINES: dict[str, Callable[[CompileConfig], list[Pass]]] = {
@@ -40,6 +46,6 @@ def pipeline(name: str, config: CompileConfig | None = None) -> Sequential:
     return Sequential(PIPELINES[name](config or CompileConfig(method=name)), name=name)
 
 
-__all__ = ["AnnotateQuant", "Calibrate", "DumpIR", "InsertQuantDequant", "Pass", "PassContext",
+__all__ = ["AnnotateQuant", "Calibrate", "DumpIR", "InsertQuantDequant", "LowerToKernels", "Pass", "PassContext",
            "PassInstrument", "PassTimings", "PrintIR", "QuantDequantFusion", "RoundToNearest",
            "Sequential", "pipeline", "PIPELINES"]

@@ -1,0 +1,92 @@
+"""Which compiled kernel runs a packed linear for M tokens.
+
+A linear's weight is packed once for one formulation (bit-serial or table); for each
+M bucket (1, 16, 128 tokens) the runtime takes the fastest schedule of that formulation
+from the tuning log, tuning the key first when allowed, and the compiled kernel from the
+disk cache. Kernels are shared by every linear of the same shape in the process.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+
+from ..codegen.compute import KernelShape
+from ..codegen.kernel import Kernel
+from ..codegen.tuning import M_BUCKETS, TuningLog, load_or_build, m_bucket, tune, tuning_key
+from .format import QuantFormat
+
+log = logging.getLogger("abqc")
+
+#: the schedule used where the log knows nothing and tuning is off
+DEFAULT_PARAMS = {"order": "k_inner", "n_tile": 16, "m_outer": True}
+
+_lock = threading.Lock()
+_kernels: dict[tuple[str, int], Kernel] = {}
+
+
+def tuning_enabled() -> bool:
+    """Tune unknown keys at compile time unless ``ABQC_TUNE=0``."""
+    return os.environ.get("ABQC_TUNE", "1") not in ("0", "false", "no")
+
+
+@functools.lru_cache(maxsize=1)
+def _log() -> TuningLog:
+    return TuningLog()
+
+
+def reset() -> None:
+    """Forget loaded kernels and the cached tuning log (tests; a changed ABQC_CACHE)."""
+    with _lock:
+        _kernels.clear()
+    _log.cache_clear()
+
+
+def best_formulation(shape: KernelShape, tune_missing: bool | None = None) -> str:
+    """The formulation to pack a weight for: the decode (M=1) winner in the tuning log."""
+    tune_missing = tuning_enabled() if tune_missing is None else tune_missing
+    rec = _log().get(tuning_key(shape, 1))
+    if rec is None and tune_missing:
+        rec = tune(shape, 1, _log())
+    if rec is None:
+        return "wo_bitserial" if shape.abits == 16 else "bitserial"
+    return rec["formulation"]
+
+
+def schedule_for(fmt: QuantFormat, m: int) -> tuple[str, dict]:
+    """(tuning key, schedule params) for `fmt` at M tokens, restricted to its formulation."""
+    key = tuning_key(fmt.shape, m)
+    rec = _log().get(key)
+    if rec is None:
+        return key, dict(DEFAULT_PARAMS)
+    same = [c for c in rec.get("candidates", []) if c["formulation"] == fmt.formulation]
+    if rec["formulation"] == fmt.formulation:
+        return key, dict(rec["params"])
+    return key, dict(min(same, key=lambda c: c["ms"])["params"]) if same else dict(DEFAULT_PARAMS)
+
+
+def kernel(fmt: QuantFormat, m: int) -> Kernel:
+    """The compiled kernel for `fmt` at M tokens (loaded once per process)."""
+    bucket = m_bucket(m)
+    ck = (str(fmt), bucket)
+    k = _kernels.get(ck)
+    if k is None:
+        with _lock:
+            k = _kernels.get(ck)
+            if k is None:
+                _, params = schedule_for(fmt, bucket)
+                k = load_or_build(fmt.shape, bucket, fmt.formulation, params)
+                _kernels[ck] = k
+    return k
+
+
+def prepare(fmt: QuantFormat, tune_missing: bool | None = None) -> dict[int, str]:
+    """Tune (if allowed) and load the kernels of every M bucket; bucket -> tuning key used."""
+    tune_missing = tuning_enabled() if tune_missing is None else tune_missing
+    keys = {}
+    for b in M_BUCKETS:
+        if tune_missing and _log().get(tuning_key(fmt.shape, b)) is None:
+            tune(fmt.shape, b, _log())
+        keys[b] = kernel(fmt, b).key
+    return keys

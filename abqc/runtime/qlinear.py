@@ -1,0 +1,119 @@
+"""``abqc::qlinear`` and `QuantLinear`: a linear layer that runs on a generated kernel.
+
+The op takes float activations, quantizes and packs them per token (as the fake-quant
+graph's ``choose_qparams`` + ``quantize`` do), calls the compiled kernel on the packed
+weight through DLPack, and adds the bias and any sparse full-precision outliers. Being
+a custom op with a fake implementation, it can sit in an exported graph (the lowered
+IR) and in an eager module tree (generation) alike.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..codegen import packing as P
+from ..codegen.kernel import PackedWeight, pack_weight
+from ..quantizer import compute_qparams
+from . import kernels
+from .format import QuantFormat
+
+_formats: dict[str, QuantFormat] = {}
+
+
+def _format(spec: str) -> QuantFormat:
+    fmt = _formats.get(spec)
+    if fmt is None:
+        fmt = _formats[spec] = QuantFormat.parse(spec)
+    return fmt
+
+
+@torch.library.custom_op("abqc::qlinear", mutates_args=())
+def qlinear(x: Tensor, weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tensor,
+            weight_sum: Tensor, group_k: Tensor, bias: Optional[Tensor],
+            outlier_indices: Optional[Tensor], outlier_values: Optional[Tensor],
+            spec: str) -> Tensor:
+    fmt = _format(spec)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, fmt.k).float()
+    m = x2.shape[0]
+    y = torch.empty(m, fmt.n, dtype=torch.float32)
+    if m:
+        kern = kernels.kernel(fmt, m)
+        w = PackedWeight(fmt.formulation, fmt.shape, weight_packed, weight_scale,
+                         weight_zero_point, weight_sum, group_k)
+        kern(x2, w, fmt.act_symmetric, out=y)
+        if outlier_indices is not None and outlier_indices.numel():
+            xa = x2 if fmt.weight_only else _fake_quant_tokens(x2, fmt)
+            h = torch.sparse_coo_tensor(outlier_indices, outlier_values, (fmt.n, fmt.k),
+                                        check_invariants=False, is_coalesced=True)
+            y += torch.sparse.mm(h, xa.T).T
+    if bias is not None:
+        y += bias.float()
+    return y.view(*lead, fmt.n).to(x.dtype)
+
+
+@qlinear.register_fake
+def _(x, weight_packed, weight_scale, weight_zero_point, weight_sum, group_k, bias,
+      outlier_indices, outlier_values, spec):
+    return x.new_empty(*x.shape[:-1], _format(spec).n)
+
+
+def _fake_quant_tokens(x: Tensor, fmt: QuantFormat) -> Tensor:
+    qmax = (1 << fmt.abits) - 1
+    s, z = compute_qparams(x, qmax, fmt.act_symmetric)
+    return (torch.round(x / s + z).clamp_(0, qmax) - z) * s
+
+
+class QuantLinear(nn.Module):
+    """Drop-in for `nn.Linear` holding a packed weight; ``forward`` calls ``abqc::qlinear``.
+
+    Buffers (what is saved): ``weight_packed``, ``weight_scale``, ``weight_zero_point``,
+    ``weight_sum``, and optionally ``bias``, ``outlier_indices``, ``outlier_values``.
+    """
+
+    def __init__(self, fmt: QuantFormat, bias: bool = False, outliers: int = 0):
+        super().__init__()
+        self.fmt = fmt
+        self.in_features, self.out_features = fmt.k, fmt.n
+        s = fmt.shape
+        g = s.groups
+        if fmt.formulation in ("bitserial", "wo_bitserial"):
+            packed = torch.zeros(fmt.wbits, fmt.n, s.kp // P.WORD, dtype=torch.int64)
+        else:
+            packed = torch.zeros(fmt.wbits, fmt.n, s.kp // P.TABLE_GROUP, dtype=torch.uint8)
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("weight_scale", torch.ones(fmt.n, g))
+        self.register_buffer("weight_zero_point", torch.zeros(fmt.n, g))
+        self.register_buffer("weight_sum", torch.zeros(fmt.n, g, dtype=torch.int32))
+        self.register_buffer("group_k", torch.tensor(s.group_lengths()), persistent=False)
+        self.register_buffer("bias", torch.zeros(fmt.n) if bias else None)
+        self.register_buffer("outlier_indices",
+                             torch.zeros(2, outliers, dtype=torch.int64) if outliers else None)
+        self.register_buffer("outlier_values", torch.zeros(outliers) if outliers else None)
+
+    @classmethod
+    def from_codes(cls, fmt: QuantFormat, codes: Tensor, scale: Tensor, zero: Tensor,
+                   bias: Tensor | None = None, outliers: Tensor | None = None) -> "QuantLinear":
+        """Pack uint8 codes [N, K] with their grid ([N, 1] or [N, G]) for `fmt`'s kernel."""
+        pw = pack_weight(codes, scale, zero, fmt.shape, fmt.formulation)
+        nnz = 0 if outliers is None else int(outliers._nnz())
+        mod = cls(fmt, bias=bias is not None, outliers=nnz)
+        mod.weight_packed = pw.data
+        mod.weight_scale, mod.weight_zero_point, mod.weight_sum = pw.scale, pw.zero, pw.sumw
+        if bias is not None:
+            mod.bias = bias.detach().float().clone()
+        if nnz:
+            mod.outlier_indices = outliers.indices().clone()
+            mod.outlier_values = outliers.values().float().clone()
+        return mod
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.abqc.qlinear(x, self.weight_packed, self.weight_scale,
+                                      self.weight_zero_point, self.weight_sum, self.group_k,
+                                      self.bias, self.outlier_indices, self.outlier_values,
+                                      str(self.fmt))
+
+    def extra_repr(self) -> str:
+        return str(self.fmt)
