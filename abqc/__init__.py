@@ -13,8 +13,12 @@ from .api import compile  # noqa: A001
 from .compiled import CompiledModel
 from .config import CompileConfig, LinearAnnotation, QuantSpec
 from .errors import AbqcError, ConfigError, UnsupportedModelError
+from .runtime import hf_quantizer as _hf_quantizer
+from .runtime.save import load
 
-__all__ = ["compile", "CompiledModel", "CompileConfig", "LinearAnnotation", "QuantSpec",
+_hf_quantizer.register()  # saved abqc models load with AutoModelForCausalLM.from_pretrained
+
+__all__ = ["compile", "load", "CompiledModel", "CompileConfig", "LinearAnnotation", "QuantSpec",
            "AbqcError", "ConfigError", "UnsupportedModelError", "eval", "__version__"]
 
 

@@ -49,4 +49,11 @@ def compile(model: nn.Module, wbits: int = 4, abits: int = 16, *,
     with torch.no_grad(), PassContext(instruments, config=config, calib=calib, tokenizer=tokenizer,
                                           model=model):
         gm = pipeline("rtn" if data_free else "calibrate", config)(gm)
-    return CompiledModel(gm, config, hf_config=model.config, pass_timings=timings.records)
+    hf_model = None
+    if config.backend == "kernels":
+        from .runtime.hf_model import lowered_modules, quantized_model
+        hf_model = quantized_model(model, lowered_modules(gm)).eval()
+    cm = CompiledModel(gm, config, hf_config=model.config, pass_timings=timings.records,
+                       hf_model=hf_model)
+    cm.tokenizer = tokenizer
+    return cm

@@ -52,7 +52,8 @@ def check_model(model: nn.Module) -> str:
         raise UnsupportedModelError(
             f"model_type={model_type!r} ({type(model).__name__}) is not supported; "
             f"supported: {list(SUPPORTED_MODEL_TYPES)}")
-    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+    if not any(isinstance(m, nn.Linear) or type(m).__name__ == "QuantLinear"
+               for m in model.modules()):
         raise UnsupportedModelError(f"{type(model).__name__} has no nn.Linear layers to quantize")
     return model_type
 
@@ -72,8 +73,9 @@ def capture(model: nn.Module, max_seq_len: int | None = None) -> GraphModule:
         ep = torch.export.export(LogitsOnly(model), (example,), strict=False, dynamic_shapes=dims)
     gm = ep.module()
     gm.meta["abqc.max_seq_len"] = ctx
-    for node in linear_nodes(gm):
-        node.meta[PATH_KEY] = module_path(node)
+    for node in gm.graph.nodes:  # linears, and already-lowered linears of a loaded model
+        if is_linear(node) or str(node.target) == "abqc.qlinear.default":
+            node.meta[PATH_KEY] = module_path(node)
     log.info("captured %s: %d nodes, %d linears in %.1fs", type(model).__name__,
              len(gm.graph.nodes), sum(1 for _ in linear_nodes(gm)), time.perf_counter() - t0)
     return gm

@@ -22,12 +22,30 @@ class CompiledModel(nn.Module):
     """
 
     def __init__(self, graph_module: GraphModule, config: CompileConfig, hf_config=None,
-                 pass_timings=()):
+                 pass_timings=(), hf_model: nn.Module | None = None):
         super().__init__()
         self.graph_module = graph_module
         self.config = config
         self.hf_config = hf_config
         self.pass_timings = list(pass_timings)
+        # the transformers model with the same QuantLinear modules (generation, HF API);
+        # kept out of the module tree so parameters are not listed twice
+        self.__dict__["hf_model"] = hf_model
+        self.tokenizer = None  # saved beside the weights when set
+        self.saved_layers: dict | None = None  # the layer table of a loaded model
+
+    def save(self, directory, tokenizer=None):
+        """Write packed safetensors, config.json (``quantization_config``) and the tokenizer;
+        reload with `abqc.load` or ``AutoModelForCausalLM.from_pretrained`` after ``import abqc``."""
+        from .runtime.save import save
+        return save(self, directory, tokenizer)
+
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate`` (KV cache, sampling, streaming) on the quantized tree."""
+        if self.hf_model is None:
+            raise RuntimeError("this CompiledModel has no transformers model tree to generate "
+                               "with (backend='fake_quant' keeps only the graph)")
+        return self.hf_model.generate(*args, **kwargs)
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> CausalLMOutput:
         if kwargs.get("attention_mask") is not None and not bool(kwargs["attention_mask"].all()):

@@ -14,7 +14,12 @@ from .compute import WO_FORMULATIONS, KernelShape
 
 
 def _dl(t: torch.Tensor):
-    return tvm.runtime.from_dlpack(t.contiguous())
+    """A TVM view of `t` (no copy), or of an aligned copy where `t` is not 64-byte aligned
+    (TVM requires it; tensors mapped from files can be misaligned)."""
+    t = t.contiguous()
+    if t.data_ptr() % 64:
+        t = t.clone()
+    return tvm.runtime.from_dlpack(t)
 
 
 @dataclass

@@ -70,7 +70,7 @@ class QuantLinear(nn.Module):
     """Drop-in for `nn.Linear` holding a packed weight; ``forward`` calls ``abqc::qlinear``.
 
     Buffers (what is saved): ``weight_packed``, ``weight_scale``, ``weight_zero_point``,
-    ``weight_sum``, and optionally ``bias``, ``outlier_indices``, ``outlier_values``.
+    ``weight_sum``, ``group_k`` (real K per group), and optionally ``bias``, ``outlier_indices``, ``outlier_values``.
     """
 
     def __init__(self, fmt: QuantFormat, bias: bool = False, outliers: int = 0):
@@ -87,7 +87,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(fmt.n, g))
         self.register_buffer("weight_zero_point", torch.zeros(fmt.n, g))
         self.register_buffer("weight_sum", torch.zeros(fmt.n, g, dtype=torch.int32))
-        self.register_buffer("group_k", torch.tensor(s.group_lengths()), persistent=False)
+        self.register_buffer("group_k", torch.tensor(s.group_lengths()))  # saved: no meta-init gaps
         self.register_buffer("bias", torch.zeros(fmt.n) if bias else None)
         self.register_buffer("outlier_indices",
                              torch.zeros(2, outliers, dtype=torch.int64) if outliers else None)
@@ -108,6 +108,14 @@ class QuantLinear(nn.Module):
             mod.outlier_indices = outliers.indices().clone()
             mod.outlier_values = outliers.values().float().clone()
         return mod
+
+    def realign(self) -> "QuantLinear":
+        """Copy buffers that are not 64-byte aligned (e.g. mapped from a safetensors file):
+        the kernels read them in place, and TVM needs aligned data."""
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.data_ptr() % 64:
+                self._buffers[name] = buf.clone()
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.abqc.qlinear(x, self.weight_packed, self.weight_scale,
