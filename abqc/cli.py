@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -77,6 +78,9 @@ def _add_quant_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dump-ir", default=None, metavar="DIR", help="write the IR after each pass to DIR")
     g.add_argument("--print-ir", action="store_true", help="print the final IR")
+    g.add_argument("--backend", default="kernels", choices=("kernels", "fake_quant"),
+                   help="run quantized linears on the generated kernels (default) or keep the "
+                        "fake-quant float graph")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="quantize a model and show its IR and pass timings")
     _add_model_args(c)
     _add_quant_args(c, required=True)
+    c.add_argument("--out", default=None, metavar="DIR",
+                   help="save the compiled model (safetensors + config.json + tokenizer) to DIR")
+    gen = sub.add_parser("generate", help="greedy or sampled text from a saved (or compiled) model")
+    gen.add_argument("model", help="a directory saved by 'abqc compile --out', or a model spec")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    _add_quant_args(gen, required=False)
     e = sub.add_parser("eval", help="perplexity of a model, float or compiled")
     _add_model_args(e)
     _add_quant_args(e, required=False)
@@ -111,10 +123,51 @@ def _compile_from_args(args, model, tok):
                    act_symmetric=args.act_symmetric, overrides=dict(args.override),
                    nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=args.seed,
                    calib_corpus=args.calib, dump_ir=args.dump_ir,
-                   solver_options=dict(args.solver))
+                   solver_options=dict(args.solver), backend=args.backend)
     if args.exclude is not None:
         options["exclude"] = tuple(args.exclude)
     return abqc.compile(model, wbits=args.wbits, abits=args.abits, tokenizer=tok, **options)
+
+
+def is_saved_model(spec: str) -> bool:
+    """Whether `spec` is a directory written by ``abqc compile --out`` / ``cm.save``."""
+    cfg = os.path.join(spec, "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            return (json.load(f).get("quantization_config") or {}).get("quant_method") == "abqc"
+    except (OSError, ValueError):
+        return False
+
+
+def _model_from_args(args):
+    """(model, tokenizer): a saved abqc model as is, else the source model, compiled when
+    --wbits is given."""
+    import abqc
+    from frontends import hf
+
+    if is_saved_model(args.model):
+        cm = abqc.load(args.model)
+        if cm.tokenizer is None:
+            raise AbqcError(f"{args.model} was saved without a tokenizer; save it with one")
+        return cm, cm.tokenizer
+    model, tok = hf.load(args.model)
+    if args.wbits is not None:
+        model = _compile_from_args(args, model, tok)
+    return model, tok
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    model, tok = _model_from_args(args)
+    ids = tok(args.prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
 
 
 def cmd_compile(args) -> int:
@@ -122,6 +175,9 @@ def cmd_compile(args) -> int:
 
     model, tok = hf.load(args.model)
     cm = _compile_from_args(args, model, tok)
+    if args.out:
+        cm.save(args.out, tok)
+        print(f"saved to {args.out}/ (load with abqc.load or AutoModelForCausalLM.from_pretrained)")
     if args.print_ir:
         cm.print_ir()
     print(cm.summary())
@@ -134,13 +190,13 @@ def cmd_compile(args) -> int:
 
 def cmd_eval(args) -> int:
     import abqc.eval
-    from frontends import hf
 
-    model, tok = hf.load(args.model)
+    model, tok = _model_from_args(args)
     label = {"model": args.model, "wbits": args.wbits, "abits": args.abits if args.wbits else FLOAT_BITS}
-    if args.wbits is not None:
-        model = _compile_from_args(args, model, tok)
-        label.update(method=args.method, group_size=args.group_size)
+    if is_saved_model(args.model):
+        label.update(method="saved abqc model", wbits=model.config.wbits, abits=model.config.abits)
+    elif args.wbits is not None:
+        label.update(method=args.method, group_size=args.group_size, backend=args.backend)
     else:
         label.update(method="fp32")
     res = abqc.eval.perplexity(model, tok, args.data, seqlen=args.seqlen, max_windows=args.max_windows,
@@ -188,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="[abqc] %(message)s")
     try:
-        return {"compile": cmd_compile, "eval": cmd_eval, "tune": cmd_tune}[args.cmd](args)
+        return {"compile": cmd_compile, "eval": cmd_eval, "tune": cmd_tune,
+                "generate": cmd_generate}[args.cmd](args)
     except AbqcError as e:
         print(f"abqc: error: {e}", file=sys.stderr)
         return 2

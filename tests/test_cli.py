@@ -90,3 +90,27 @@ def test_tune_and_show(tmp_path, capsys):
     assert "W9A8 is not allowed" in capsys.readouterr().err
     assert main(["tune", "--shapes", "40by70", "--log", str(log)]) == 2
     assert "shapes '40by70'" in capsys.readouterr().err
+
+
+def test_compile_out_then_generate_and_eval_the_saved_model(tmp_path, capsys):
+    out = tmp_path / "w4a8"
+    assert main(["-q", "compile", "--model", "tiny:llama", "--wbits", "4", "--abits", "8",
+                 "--out", str(out)]) == 0
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    capsys.readouterr()
+    assert main(["-q", "generate", str(out), "hello", "--max-new-tokens", "5"]) == 0
+    text = capsys.readouterr().out.strip()
+    assert text.startswith("hello") and len(text) > len("hello")
+    # the same greedy text from the model compiled on the fly
+    assert main(["-q", "generate", "tiny:llama", "hello", "--max-new-tokens", "5",
+                 "--wbits", "4", "--abits", "8"]) == 0
+    assert capsys.readouterr().out.strip() == text
+    data = tmp_path / "d.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    assert main(["-q", "eval", "--model", str(out), "--data", str(data), "--seqlen", "64"]) == 0
+    saved = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert main(["-q", "eval", "--model", "tiny:llama", "--wbits", "4", "--abits", "8",
+                 "--data", str(data), "--seqlen", "64"]) == 0
+    fresh = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert saved["ppl"] == pytest.approx(fresh["ppl"], rel=1e-6)
+    assert saved["method"] == "saved abqc model"
