@@ -93,6 +93,41 @@ def test_weight_only_kernels_match_dequantized_weights(formulation, group_size):
         assert (y.double() - ref).abs().max() / ref.abs().max() < 1e-4, (formulation, wbits)
 
 
+def test_unpack_codes_round_trip_for_every_width():
+    from abqc.codegen.unpack import code_words, codes_per_word, pack_codes
+
+    for bits in BITS:
+        c = _codes(7, 200, bits, bits)
+        packed = pack_codes(c, bits, 256)
+        per = codes_per_word(bits)
+        assert packed.shape == (code_words(256, bits), 7) and packed.dtype == torch.int32
+        words = packed.T.long() & 0xFFFFFFFF
+        got = torch.stack([(words[:, k // per] >> (k % per) * bits) & ((1 << bits) - 1)
+                           for k in range(256)], 1)
+        assert torch.equal(got[:, :200], c.long()) and not got[:, 200:].any()
+
+
+@pytest.mark.parametrize("params", [{"n_tile": 8, "m_tile": 1, "decode": "inline"},
+                                    {"n_tile": 4, "m_tile": 3, "decode": "panel", "k_unroll": 2}])
+def test_unpack_matches_fake_quant_for_every_width(params):
+    """The float-accumulating formulation: every WxAy (and WxA16), groups, M not a multiple
+    of the register block; integer accumulator exact where float32 holds it exactly."""
+    for wbits in BITS:
+        for abits, group_size in ((16, 0), (wbits % 8 + 1, 64), (8, 0)):
+            shape = KernelShape(n=N, k=K, wbits=wbits, abits=abits, group_size=group_size)
+            x, codes, s, z = _float_case(shape, wbits * 10 + abits)
+            kern = Kernel(build("unpack", shape, params), "unpack", shape, params)
+            pw = pack_weight(codes, s, z, shape, "unpack")
+            for m in MS:
+                y = kern(x[:m], pw)
+                ref = reference(x[:m], codes, s, z, shape)
+                assert (y.double() - ref).abs().max() / ref.abs().max() < 1e-4, (wbits, abits, m)
+            xq = _codes(5, K, 4, wbits).float()
+            acc = kern.accumulate(kern.activation_inputs(xq, False)[0] if abits == 16 else
+                                  torch.nn.functional.pad(xq, (0, shape.kp - K, 0, 1)), pw, 5)
+            assert torch.equal(acc.sum(-1), (xq.double() @ codes.double().T).float())
+
+
 def test_bit_balance_grid_stored_as_three_bits():
     """The 5-level 2* grid (codes 0..4, symmetric zero 2) runs on 3-bit weight kernels."""
     shape = KernelShape(n=N, k=K, wbits=3, abits=16)
@@ -101,7 +136,7 @@ def test_bit_balance_grid_stored_as_three_bits():
     s, z = compute_qparams(w, 4, True)
     codes = quantize(w, s, z, 4)
     assert int(codes.max()) <= 4 and torch.all(z == 2)
-    for form in ("wo_bitserial", "wo_lut"):
+    for form in ("wo_bitserial", "wo_lut", "unpack"):
         kern = Kernel(build(form, shape, {"n_tile": 4, "order": "k_inner"}, functions=("main",)), form, shape, {})
         y = kern(x, pack_weight(codes, s, z, shape, form))
         ref = reference(x, codes, s, z, shape)

@@ -42,8 +42,34 @@ def test_m_buckets_and_search_space():
     assert [tuning.m_bucket(m) for m in (1, 2, 16, 17, 500)] == [1, 16, 16, 128, 128]
     gemv = tuning.candidates(SHAPE, 1)
     gemm = tuning.candidates(SHAPE, 64)
-    assert {f for f, _ in gemv} == {"bitserial", "lut"} and len(gemm) == 2 * len(gemv)
-    assert {f for f, _ in tuning.candidates(KernelShape(24, 130, 4, 16), 1)} == {"wo_bitserial", "wo_lut"}
+    assert {f for f, _ in gemv} == {"bitserial", "lut", "unpack"}
+    integer = [c for c in gemv if c[0] != "unpack"]
+    assert len([c for c in gemm if c[0] != "unpack"]) == 2 * len(integer)  # + m placement
+    assert {p["decode"] for f, p in gemv if f == "unpack"} == {"inline"}
+    assert {p["decode"] for f, p in gemm if f == "unpack"} == {"inline", "panel"}
+    assert {f for f, _ in tuning.candidates(KernelShape(24, 130, 4, 16), 1)} == \
+        {"wo_bitserial", "wo_lut", "unpack"}
+
+
+def test_packing_choice_weighs_every_bucket(cache, monkeypatch):
+    """One packing serves all M: the formulation that loses least across the buckets."""
+    from abqc.runtime import kernels
+
+    log = tuning.TuningLog()
+    times = {1: {"bitserial": 1.0, "unpack": 1.1}, 16: {"bitserial": 9.0, "unpack": 2.0},
+             128: {"bitserial": 80.0, "unpack": 10.0}}
+    for m, t in times.items():
+        log.add({"key": tuning.tuning_key(SHAPE, m), "formulation": min(t, key=t.get),
+                 "params": {}, "ms": min(t.values()),
+                 "candidates": [{"formulation": f, "params": {}, "ms": v} for f, v in t.items()]})
+    monkeypatch.setattr(kernels, "_log", lambda: log)
+    assert kernels.best_formulation(SHAPE, tune_missing=False) == "unpack"
+    times[1]["unpack"], times[16]["bitserial"], times[128]["bitserial"] = 1.3, 2.1, 10.5
+    for m, t in times.items():
+        log.add({**log.get(tuning.tuning_key(SHAPE, m)),
+                 "candidates": [{"formulation": f, "params": {}, "ms": v} for f, v in t.items()]})
+    # now bitserial loses 5% at M=16 and M=128 but wins 30% at M=1: the mean favours it
+    assert kernels.best_formulation(SHAPE, tune_missing=False) == "bitserial"
 
 
 def test_second_run_loads_compiled_kernel_from_disk(cache, monkeypatch):

@@ -28,10 +28,16 @@ def build(formulation: str, shape: KernelShape, params: dict[str, Any], target=N
           functions: tuple[str, ...] = ("main", "acc")):
     """An executable with ``main`` (accumulate + epilogue, float32 out) and/or ``acc`` (the
     integer or float accumulator [M, N, G] only, for exactness tests)."""
-    if formulation not in COMPUTES:
-        raise ValueError(f"formulation={formulation!r} is not one of {sorted(COMPUTES)}")
-    make = COMPUTES[formulation]
-    funcs = {name: schedule(make(shape, name == "main"), params, epilogue=name == "main")
-             for name in functions}
+    if formulation == "unpack":
+        from .unpack import UNPACK_DEFAULT, schedule_unpack, unpack
+        mt = {**UNPACK_DEFAULT, **params}["m_tile"]
+        funcs = {name: schedule_unpack(unpack(shape, name == "main", mt), params, name == "main")
+                 for name in functions}
+    elif formulation not in COMPUTES:
+        raise ValueError(f"formulation={formulation!r} is not one of {sorted(COMPUTES) + ['unpack']}")
+    else:
+        make = COMPUTES[formulation]
+        funcs = {name: schedule(make(shape, name == "main"), params, epilogue=name == "main")
+                 for name in functions}
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     return tvm.compile(mod, target=target or host_target())

@@ -10,7 +10,8 @@ import tvm
 
 from ..quantizer import compute_qparams, dequantize
 from . import packing as P
-from .compute import WO_FORMULATIONS, KernelShape
+from .compute import WO_FORMULATIONS, KernelShape, packing_of
+from .unpack import UNPACK_DEFAULT, pack_codes
 
 
 def _dl(t: torch.Tensor):
@@ -44,8 +45,11 @@ def pack_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, sh
     if int(codes.max()) >= 1 << shape.wbits:
         raise ValueError(f"codes reach {int(codes.max())}, beyond {shape.wbits}-bit")
     g = shape.groups
-    if formulation in ("bitserial", "wo_bitserial"):
+    layout = packing_of(formulation)
+    if layout == "bitplanes":
         data = P.pack_bitplanes(codes, shape.wbits, shape.group_size)
+    elif layout == "codes":
+        data = pack_codes(codes, shape.wbits, shape.kp)
     else:
         data = P.pack_nibbles(codes, shape.wbits, shape.group_size)
     return PackedWeight(formulation, shape, data,
@@ -77,16 +81,28 @@ class Kernel:
 
     @property
     def weight_only(self) -> bool:
-        return self.formulation in WO_FORMULATIONS
+        """Whether ``main`` takes float activations (and the weight-only epilogue)."""
+        return self.formulation in WO_FORMULATIONS or self.formulation == "unpack"
+
+    @property
+    def m_tile(self) -> int:
+        """Rows ``main`` processes per register block (M is padded to a multiple)."""
+        return {**UNPACK_DEFAULT, **self.params}["m_tile"] if self.formulation == "unpack" else 1
 
     def activation_inputs(self, x: torch.Tensor, act_symmetric: bool):
         """What ``main`` reads for activations x [M, K]: (packed data, per-token extras)."""
         s = self.shape
+        if self.formulation == "unpack" and s.abits != 16:
+            codes, sx, zx = quantize_activations(x, s.abits, act_symmetric)
+            x = (codes.float() - zx[:, None]) * sx[:, None]  # the grid's values, as fake quant
         if self.weight_only:
             xf = x.float()
+            mp = -(-x.shape[0] // self.m_tile) * self.m_tile
+            if mp > x.shape[0]:
+                xf = torch.nn.functional.pad(xf, (0, 0, 0, mp - x.shape[0]))
             xp = torch.nn.functional.pad(xf, (0, s.kp - s.k)) if s.kp > s.k else xf
-            xs = xp.view(x.shape[0], s.groups, -1).sum(-1).contiguous()
-            data = xp.contiguous() if self.formulation == "wo_bitserial" else \
+            xs = xp.view(xp.shape[0], s.groups, -1).sum(-1).contiguous()
+            data = xp.contiguous() if self.formulation in ("wo_bitserial", "unpack") else \
                 P.lookup_tables(xp, s.kp, torch.float32)
             return data, (xs,)
         codes, sx, zx = quantize_activations(x, s.abits, act_symmetric)
@@ -103,7 +119,14 @@ class Kernel:
         x = x.reshape(-1, self.shape.k)
         data, act = self.activation_inputs(x, act_symmetric)
         y = out if out is not None else torch.empty(x.shape[0], self.shape.n, dtype=torch.float32)
-        if self.weight_only:
+        if self.formulation == "unpack":
+            mp = data.shape[0]
+            yp = y if mp == x.shape[0] else torch.empty(mp, self.shape.n, dtype=torch.float32)
+            self._main(_dl(data), _dl(w.data), _dl(w.scale), _dl(w.zero), _dl(act[0]), _dl(yp),
+                       mp // self.m_tile)
+            if yp is not y:
+                y.copy_(yp[: x.shape[0]])
+        elif self.weight_only:
             self._main(_dl(data), _dl(w.data), _dl(w.scale), _dl(w.zero), _dl(act[0]), _dl(y))
         else:
             sx, zx, sumx = act
@@ -114,6 +137,10 @@ class Kernel:
     def accumulate(self, act_data: torch.Tensor, w: PackedWeight, m: int) -> torch.Tensor:
         """The raw accumulator [M, N, G] (integer kernels: int32; weight-only: float32)."""
         dtype = torch.float32 if self.weight_only else torch.int32
+        if self.formulation == "unpack":  # rows padded to whole register blocks
+            acc = torch.empty(act_data.shape[0], self.shape.n, self.shape.groups, dtype=dtype)
+            self._acc(_dl(act_data), _dl(w.data), _dl(acc), act_data.shape[0] // self.m_tile)
+            return acc[:m]
         acc = torch.empty(m, self.shape.n, self.shape.groups, dtype=dtype)
         self._acc(_dl(act_data), _dl(w.data), _dl(acc))
         return acc

@@ -50,10 +50,28 @@ def tuning_key(shape: KernelShape, m: int, target=None) -> str:
             f"|a{shape.abits}|g{shape.group_size}")
 
 
+def unpack_candidates(m: int) -> list[dict[str, Any]]:
+    """`unpack` schedules: in-register decoding for decode-sized M, decoded panels and
+    register blocks of several rows for prefill."""
+    if m_bucket(m) == 1:
+        return [{"decode": "inline", "n_tile": t, "m_tile": 1} for t in (16, 32, 64)]
+    return [{"decode": "panel", "n_tile": t, "m_tile": mt, "k_unroll": ku}
+            for t in (16, 32) for mt in (4, 6) for ku in (1, 4)] + \
+        [{"decode": "inline", "n_tile": 32, "m_tile": 4}]
+
+
+def default_unpack_params(m: int) -> dict[str, Any]:
+    """The untuned schedule: the best of a probe on AVX2 (2 cores), per M bucket."""
+    if m_bucket(m) == 1:
+        return {"decode": "inline", "n_tile": 32, "m_tile": 1}
+    return {"decode": "panel", "n_tile": 16, "m_tile": 6, "k_unroll": 4}
+
+
 def candidates(shape: KernelShape, m: int) -> list[tuple[str, dict[str, Any]]]:
-    """The search space: both formulations x loop orders x n tiles (x m placement for GEMM)."""
+    """The search space: every formulation that fits the activation width, each with its
+    schedule knobs (loop order x n tile x m placement; `unpack`: decoding x register block)."""
     forms = WO_FORMULATIONS if shape.abits == 16 else FORMULATIONS
-    out = []
+    out = [("unpack", p) for p in unpack_candidates(m)]
     for form in forms:
         for order in ORDERS:
             if order == "bits_inner" and form.endswith("lut"):
@@ -112,11 +130,13 @@ def measure(kernel: Kernel, m: int, min_seconds: float = 0.05) -> float:
     """Median ms of the kernel's ``main`` (activation packing excluded) on random data."""
     x, w = _random_case(kernel.shape, m, kernel.formulation)
     data, act = kernel.activation_inputs(x, False)
-    y = torch.empty(m, kernel.shape.n)
+    y = torch.empty(data.shape[0] if kernel.weight_only else m, kernel.shape.n)
     args = [data, w.data]
     args += [w.scale, w.zero, act[0], y] if kernel.weight_only else \
         [act[0], act[1], act[2], w.scale, w.zero, w.sumw, w.kg, y]
     dl = [tvm.runtime.from_dlpack(a.contiguous()) for a in args]
+    if kernel.formulation == "unpack":
+        dl.append(data.shape[0] // kernel.m_tile)
     mod = getattr(kernel.ex, "mod", kernel.ex)
     f = mod.time_evaluator("main", tvm.cpu(), number=1, repeat=5,
                            min_repeat_ms=int(min_seconds * 1000))
@@ -188,6 +208,5 @@ def kernel_for(shape: KernelShape, m: int, tuning_log: TuningLog | None = None,
     if rec is None and tune_missing:
         rec = tune(shape, m, tuning_log, target)
     if rec is None:
-        form = "wo_bitserial" if shape.abits == 16 else "bitserial"
-        rec = {"formulation": form, "params": {"order": "k_inner", "n_tile": 16, "m_outer": True}}
+        rec = {"formulation": "unpack", "params": default_unpack_params(m)}
     return load_or_build(shape, m, rec["formulation"], rec["params"], target)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ..codegen.compute import FORMULATIONS, WO_FORMULATIONS, KernelShape
+from ..codegen.compute import KernelShape, formulations_for
 from ..errors import ConfigError
 
 _FIELDS = {"n": "n", "k": "k", "w": "wbits", "a": "abits", "g": "group_size",
@@ -25,10 +25,10 @@ class QuantFormat:
     abits: int
     group_size: int = 0
     act_symmetric: bool = False
-    formulation: str = "bitserial"
+    formulation: str = "unpack"
 
     def __post_init__(self):
-        allowed = WO_FORMULATIONS if self.abits == 16 else FORMULATIONS
+        allowed = formulations_for(self.abits)
         if self.formulation not in allowed:
             raise ConfigError(f"formulation={self.formulation!r} does not fit abits={self.abits}; "
                               f"use one of {list(allowed)}")

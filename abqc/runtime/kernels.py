@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import threading
 
 from ..codegen.compute import KernelShape
 from ..codegen.kernel import Kernel
-from ..codegen.tuning import M_BUCKETS, TuningLog, load_or_build, m_bucket, tune, tuning_key
+from ..codegen.tuning import (M_BUCKETS, TuningLog, default_unpack_params, load_or_build, m_bucket,
+                              tune, tuning_key)
 from .format import QuantFormat
 
 log = logging.getLogger("abqc")
 
-#: the schedule used where the log knows nothing and tuning is off
+#: the schedule of the integer formulations where the log knows nothing and tuning is off
 DEFAULT_PARAMS = {"order": "k_inner", "n_tile": 16, "m_outer": True}
+
+
+def _default(formulation: str, m: int) -> dict:
+    return default_unpack_params(m) if formulation == "unpack" else dict(DEFAULT_PARAMS)
 
 _lock = threading.Lock()
 _kernels: dict[tuple[str, int], Kernel] = {}
@@ -44,14 +50,29 @@ def reset() -> None:
 
 
 def best_formulation(shape: KernelShape, tune_missing: bool | None = None) -> str:
-    """The formulation to pack a weight for: the decode (M=1) winner in the tuning log."""
+    """The formulation to pack a weight for (one packing serves every M bucket): the one
+    whose best schedules lose least against each bucket's winner (geometric mean), from
+    the tuning log (tuned first when allowed); ``unpack`` when nothing is known."""
     tune_missing = tuning_enabled() if tune_missing is None else tune_missing
-    rec = _log().get(tuning_key(shape, 1))
-    if rec is None and tune_missing:
-        rec = tune(shape, 1, _log())
-    if rec is None:
-        return "wo_bitserial" if shape.abits == 16 else "bitserial"
-    return rec["formulation"]
+    recs = []
+    for b in M_BUCKETS:
+        rec = _log().get(tuning_key(shape, b))
+        if rec is None and tune_missing:
+            rec = tune(shape, b, _log())
+        if rec is not None:
+            recs.append(rec)
+    if not recs:
+        return "unpack"
+    score: dict[str, float] = {}
+    for rec in recs:
+        best: dict[str, float] = {}
+        for c in rec.get("candidates", []):
+            best[c["formulation"]] = min(best.get(c["formulation"], float("inf")), c["ms"])
+        for form, ms in best.items():
+            score[form] = score.get(form, 0.0) + math.log(ms / rec["ms"])
+    complete = {f: v for f, v in score.items()
+                if all(any(c["formulation"] == f for c in r.get("candidates", [])) for r in recs)}
+    return min(complete or score, key=(complete or score).get) if score else recs[0]["formulation"]
 
 
 def schedule_for(fmt: QuantFormat, m: int) -> tuple[str, dict]:
@@ -59,11 +80,12 @@ def schedule_for(fmt: QuantFormat, m: int) -> tuple[str, dict]:
     key = tuning_key(fmt.shape, m)
     rec = _log().get(key)
     if rec is None:
-        return key, dict(DEFAULT_PARAMS)
+        return key, _default(fmt.formulation, m)
     same = [c for c in rec.get("candidates", []) if c["formulation"] == fmt.formulation]
     if rec["formulation"] == fmt.formulation:
         return key, dict(rec["params"])
-    return key, dict(min(same, key=lambda c: c["ms"])["params"]) if same else dict(DEFAULT_PARAMS)
+    return key, (dict(min(same, key=lambda c: c["ms"])["params"]) if same
+                 else _default(fmt.formulation, m))
 
 
 def kernel(fmt: QuantFormat, m: int) -> Kernel:

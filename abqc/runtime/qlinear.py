@@ -14,7 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from ..codegen import packing as P
+from ..codegen.compute import packing_of
 from ..codegen.kernel import PackedWeight, pack_weight
+from ..codegen.unpack import code_words
 from ..quantizer import compute_qparams
 from . import kernels
 from .format import QuantFormat
@@ -79,8 +81,11 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = fmt.k, fmt.n
         s = fmt.shape
         g = s.groups
-        if fmt.formulation in ("bitserial", "wo_bitserial"):
+        layout = packing_of(fmt.formulation)
+        if layout == "bitplanes":
             packed = torch.zeros(fmt.wbits, fmt.n, s.kp // P.WORD, dtype=torch.int64)
+        elif layout == "codes":
+            packed = torch.zeros(code_words(s.kp, fmt.wbits), fmt.n, dtype=torch.int32)
         else:
             packed = torch.zeros(fmt.wbits, fmt.n, s.kp // P.TABLE_GROUP, dtype=torch.uint8)
         self.register_buffer("weight_packed", packed)
