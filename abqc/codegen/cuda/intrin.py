@@ -7,8 +7,15 @@ one K element), so one MMA is ``C[8, 8] += Σ_{w<4} popcount(A[8, w] AND B[8, w]
 Fragment layouts (PTX ISA, m8n8k128 b1): lane ``l`` holds A word ``(l/4, l%4)`` and B word
 ``(n=l/4, l%4)`` (one .b32 each), and C elements ``(l/4, 2(l%4) + {0,1})``. ``ldmatrix``
 has no b1 form, so the fragment loads are plain 32-bit shared-memory loads, one per lane.
-The fragments live in TVM's ``warp`` scope as ``[32 lanes, local]`` buffers; the schedule
-maps the logical 8x4 / 8x8 tiles onto them with ``transform_layout`` (`fragment_index`).
+The fragments live in TVM's ``warp`` scope as ``[32 lanes, local]`` buffers (a schedule
+maps the logical 8x4 / 8x8 tiles onto them with ``transform_layout`` using `operand_index`
+and `acc_index`).
+
+Status in apache-tvm 0.27.0.post1: registration works, but ``Schedule.tensorize`` crashes
+the process (a segfault inside tvm_ffi, reproduced with TVM's own ``mma_fill_16x16_i32``),
+so `template` emits the impl bodies below directly and uses `operand_index` / `acc_index`
+for its fragment addressing and its CPU emulation. The descs stay the executable
+specification of one MMA; once tensorize works they let a scheduled TE compute use them.
 """
 from __future__ import annotations
 
@@ -156,13 +163,8 @@ def register() -> None:
     for name, desc, impl in ((LOAD_A, _load_desc, _load_impl), (LOAD_B, _load_desc, _load_impl),
                              (MMA, _mma_desc, _mma_impl), (FILL, _fill_desc, _fill_impl),
                              (STORE, _store_desc, _store_impl)):
-        try:
-            TensorIntrin.get(name, allow_missing=True)
-            if TensorIntrin.get(name, allow_missing=True) is not None:
-                continue
-        except TypeError:  # older signature without allow_missing
-            pass
-        TensorIntrin.register(name, desc, impl)
+        if TensorIntrin.get(name, allow_missing=True) is None:
+            TensorIntrin.register(name, desc, impl)
 
 
 register()

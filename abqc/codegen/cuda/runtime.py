@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import functools
 import json
-import logging
 import time
 from dataclasses import dataclass
 
@@ -21,11 +20,9 @@ import tvm
 
 from ..compute import KernelShape
 from ..kernel import quantize_activations
-from ..packing import padded_k
 from ..tuning import TuningLog, m_bucket
 from .space import DECODE_MAX_M, CudaProblem, CudaSchedule, candidates, default, kw_words, n_padded
 
-log = logging.getLogger("abqc")
 FORMULATION = "b1mma"
 
 
@@ -220,4 +217,4 @@ def time_cuda(fn, warmup: int = 3, repeat: int = 20) -> float:
 
 
 __all__ = ["CudaKernel", "CudaWeight", "cuda_tuning_key", "device_arch", "kernel_for",
-           "pack_words", "padded_k", "tune", "time_cuda"]
+           "pack_words", "tune", "time_cuda"]

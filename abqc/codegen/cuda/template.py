@@ -228,6 +228,7 @@ def build_func(p: CudaProblem, s: CudaSchedule, epilogue: bool = True, emulate: 
                             em.commit()
                         compute_stage(ko % stages)
                     em.wait(0)
+                em.sync()  # the partials may reuse the stages' shared memory (storage rewrite)
                 # fragments -> shared partials [planes*rows, wbits*bn]
                 with em.phase() as t:
                     wm, wn, lane = warp_coords(t)
