@@ -183,3 +183,18 @@ def test_kernel_for_cpu_device_gives_the_cpu_kernel(tmp_path):
     kern = kernel_for(KernelShape(16, 64, 2, 4), 1, "cpu", TuningLog(tmp_path / "log.jsonl"),
                       tune_missing=False)
     assert isinstance(kern, Kernel) and kern.formulation == "bitserial"
+
+
+def test_cuda_records_share_the_tuning_log(tmp_path):
+    """A CUDA record (schedule dict, arch in the key) lives beside CPU records and shows in
+    ``abqc tune --show``; kernel_for's lookup key is the record's key."""
+    tlog = TuningLog(tmp_path / "kernels.jsonl")
+    shape = KernelShape(576, 1536, 2, 8)
+    key = cuda_tuning_key(shape, 1, "sm_90")
+    sched = S.CudaSchedule(bm=8, bn=16, warps_m=1, warps_n=4, bk=8, stages=3)
+    tlog.add({"key": key, "formulation": "b1mma", "params": sched.as_dict(), "ms": 0.0123,
+              "candidates": [], "date": "2026-11-22T00:00:00"})
+    again = TuningLog(tmp_path / "kernels.jsonl")
+    assert S.CudaSchedule(**again.get(key)["params"]) == sched
+    table = again.table()
+    assert key in table and "bn16" in table and "stages3" in table

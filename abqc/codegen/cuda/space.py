@@ -120,10 +120,17 @@ def n_padded(p: CudaProblem, s: CudaSchedule) -> int:
     return -(-p.n // s.bn) * s.bn
 
 
+def smem_row_words(bk: int) -> int:
+    """Words per shared-memory row of a stage. A fragment load reads 8 rows x 4 words; with
+    rows padded by 4 words (16 bytes, so cp.async stays aligned) when bk is a multiple of 8,
+    the 32 lanes hit 32 different banks (bk=8 unpadded: 2-way, bk=16: 4-way conflicts)."""
+    return bk + 4 if bk % 8 == 0 else bk
+
+
 def smem_bytes(p: CudaProblem, s: CudaSchedule) -> int:
     """Shared memory: X and W stages plus the int32 bit-pair partial products."""
     planes, rows = tile_rows(p, s)
-    stage = (planes * rows + p.wbits * s.bn) * s.bk * 4
+    stage = (planes * rows + p.wbits * s.bn) * smem_row_words(s.bk) * 4
     partial = planes * rows * p.wbits * s.bn * 4
     return s.stages * stage + partial
 

@@ -31,13 +31,25 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .intrin import acc_index, operand_index
-from .space import MMA_KW, MMA_M, MMA_N, CudaProblem, CudaSchedule, check, kw_words, n_padded, tile_rows
+from .space import (MMA_KW, MMA_M, MMA_N, CudaProblem, CudaSchedule, check, kw_words, n_padded,
+                    smem_row_words, tile_rows)
 
 WARP = 32
 
 
 def _f64(e):
     return tirx.Cast("float64", e)
+
+
+@contextlib.contextmanager
+def _guard(cond):
+    """``if cond:`` around the body, or nothing when cond is None (statically true)."""
+    if cond is None:
+        yield
+        return
+    with T.If(cond):
+        with T.Then():
+            yield
 
 
 class _Emitter:
@@ -102,7 +114,8 @@ def build_func(p: CudaProblem, s: CudaSchedule, epilogue: bool = True, emulate: 
     rtw, ctw = row_tiles // s.warps_m, col_tiles // s.warps_n
     nthreads = s.threads
     ko_count = kw // bk
-    x_stage, w_stage = planes * rows * bk, p.wbits * bn * bk
+    ld = smem_row_words(bk)  # padded shared row: conflict-free fragment loads
+    x_stage, w_stage = planes * rows * ld, p.wbits * bn * ld
     prow = p.wbits * bn  # partials row length
     decode = bool(p.decode_m)
     out_rows = p.decode_m if decode else s.bm
@@ -154,24 +167,18 @@ def build_func(p: CudaProblem, s: CudaSchedule, epilogue: bool = True, emulate: 
 
                 def load_stage(t, slot, ko):
                     """Global -> shared for K stage `ko` into buffer `slot` (16-byte chunks)."""
-                    for buf, gbuf, count, per_plane, plane_rows, plane_len, base_row in (
-                            (Xs, Xf, x_stage // 4, rows, x_rows, x_stage, row0),
-                            (Ws, Wf, w_stage // 4, bn, np_, w_stage, bx * bn)):
+                    for buf, gbuf, count, per_plane, plane_rows, stage_len, base_row in (
+                            (Xs, Xf, planes * rows * bk // 4, rows, x_rows, x_stage, row0),
+                            (Ws, Wf, p.wbits * bn * bk // 4, bn, np_, w_stage, bx * bn)):
                         chunks_per_row = bk // 4
                         for it in range(-(-count // nthreads)):
                             idx = it * nthreads + t
                             e, q = idx // chunks_per_row, idx % chunks_per_row
                             plane, r = e // per_plane, e % per_plane
                             src = ((plane * plane_rows + base_row + r) * kw + ko * bk + q * 4)
-                            dst = slot * plane_len + e * bk + q * 4
-                            guard = (it + 1) * nthreads > count
-                            with (T.If(idx < count) if guard else contextlib.nullcontext()) as f:
-                                if guard:
-                                    with T.Then():
-                                        em.copy16(buf, dst, gbuf, src, stages > 1)
-                                else:
-                                    em.copy16(buf, dst, gbuf, src, stages > 1)
-                    del f
+                            dst = slot * stage_len + e * ld + q * 4
+                            with _guard(idx < count if (it + 1) * nthreads > count else None):
+                                em.copy16(buf, dst, gbuf, src, stages > 1)
 
                 def warp_coords(t):
                     warp, lane = t // WARP, t % WARP
@@ -184,11 +191,11 @@ def build_func(p: CudaProblem, s: CudaSchedule, epilogue: bool = True, emulate: 
                             wm, wn, lane = warp_coords(t)
                             for a_ in range(rtw):
                                 rt = wm * rtw + a_
-                                T.buffer_store(a_frag, Xs[slot * x_stage + (rt * MMA_M + lane // 4) * bk
+                                T.buffer_store(a_frag, Xs[slot * x_stage + (rt * MMA_M + lane // 4) * ld
                                                           + kk * MMA_KW + lane % 4], em.reg_index(t, a_))
                             for b_ in range(ctw):
                                 ct = wn * ctw + b_
-                                T.buffer_store(b_frag, Ws[slot * w_stage + (ct * MMA_N + lane // 4) * bk
+                                T.buffer_store(b_frag, Ws[slot * w_stage + (ct * MMA_N + lane // 4) * ld
                                                           + kk * MMA_KW + lane % 4], em.reg_index(t, b_))
                             if not emulate:
                                 for a_ in range(rtw):
@@ -204,14 +211,15 @@ def build_func(p: CudaProblem, s: CudaSchedule, epilogue: bool = True, emulate: 
                 with em.phase() as t:
                     for i in range(rtw * ctw * 2):
                         T.buffer_store(c_frag, 0, em.reg_index(t, i))
-                if stages == 1 or emulate:
+                if stages == 1:
                     with T.serial(0, ko_count) as ko:
                         em.sync()
                         with em.phase() as t:
-                            load_stage(t, ko % stages if stages > 1 else 0, ko)
+                            load_stage(t, 0, ko)
                         em.sync()
-                        compute_stage(ko % stages if stages > 1 else 0)
-                else:
+                        compute_stage(0)
+                else:  # emulation runs the same order with synchronous copies
+
                     with em.phase() as t:
                         for st in range(stages - 1):
                             if st < ko_count:
@@ -250,17 +258,15 @@ def build_func(p: CudaProblem, s: CudaSchedule, epilogue: bool = True, emulate: 
                         body = _reduce_and_store(p, Ps, ml, nl, rows, prow, bn)
                         m_glob = ml if decode else row0 + ml
                         n_glob = bx * bn + nl
-                        with (T.If(o < count) if (it + 1) * nthreads > count else contextlib.nullcontext()):
-                            ctx = T.Then() if (it + 1) * nthreads > count else contextlib.nullcontext()
-                            with ctx:
-                                if epilogue:
-                                    zxm, zwn = _f64(zx[m_glob]), _f64(zw[n_glob])
-                                    val = _f64(sx[m_glob]) * _f64(sw[n_glob]) * (
-                                        _f64(body) - zwn * _f64(sumx[m_glob]) - zxm * _f64(sumw[n_glob])
-                                        + _f64(kg[0]) * zxm * zwn)
-                                    T.buffer_store(Y, tirx.Cast(p.out_dtype, val), [m_glob, n_glob])
-                                else:
-                                    T.buffer_store(Y, body, [m_glob, n_glob])
+                        with _guard(o < count if (it + 1) * nthreads > count else None):
+                            if epilogue:
+                                zxm, zwn = _f64(zx[m_glob]), _f64(zw[n_glob])
+                                val = _f64(sx[m_glob]) * _f64(sw[n_glob]) * (
+                                    _f64(body) - zwn * _f64(sumx[m_glob]) - zxm * _f64(sumw[n_glob])
+                                    + _f64(kg[0]) * zxm * zwn)
+                                T.buffer_store(Y, tirx.Cast(p.out_dtype, val), [m_glob, n_glob])
+                            else:
+                                T.buffer_store(Y, body, [m_glob, n_glob])
     return ib.get()
 
 
