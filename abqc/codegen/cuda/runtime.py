@@ -164,7 +164,7 @@ def kernel_for(shape: KernelShape, m: int, device="cpu", tuning_log: TuningLog |
     arch = device_arch(device)
     problem = problem_for(shape, m, out_dtype)
     rec = (tuning_log or TuningLog()).get(cuda_tuning_key(shape, m, arch))
-    sched = CudaSchedule(**rec["params"]) if rec else default(problem, arch)
+    sched = CudaSchedule(**rec["params"]) if rec else default(problem, arch, m_bucket(m))
     return _cached(shape, m if m <= DECODE_MAX_M else m_bucket(m), sched, arch, out_dtype)
 
 
@@ -183,7 +183,7 @@ def tune(shape: KernelShape, m: int, device="cuda", tuning_log: TuningLog | None
     codes = torch.randint(0, 1 << shape.wbits, (shape.n, shape.k), generator=g).to(device)
     x = torch.randn(mb, shape.k, generator=g).to(device)
     tried, t0 = [], time.perf_counter()
-    for sched in candidates(problem, arch, limit):
+    for sched in candidates(problem, arch, limit, mb):
         kern = CudaKernel(shape, mb, sched, arch, out_dtype)
         w = kern.pack_weight(codes, torch.ones(shape.n), torch.zeros(shape.n))
         ms = time_cuda(lambda: kern(x, w))

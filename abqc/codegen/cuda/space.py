@@ -152,9 +152,22 @@ def fits(p: CudaProblem, s: CudaSchedule, arch: str = "sm_80", static_smem: bool
             and accumulator_regs(p, s) <= MAX_ACC_REGS)
 
 
-def candidates(p: CudaProblem, arch: str = "sm_80", limit: int = 24) -> list[CudaSchedule]:
-    """A small search space: tiles x warp splits x pipeline depth, filtered by `fits`,
-    ordered so the first entry is a sensible default (the tuner measures them all)."""
+#: thread blocks wanted in the grid (about two per SM of an A100/H100) before larger tiles win
+TARGET_BLOCKS = 264
+
+
+def grid_blocks(p: CudaProblem, s: CudaSchedule, m: int) -> int:
+    m_blocks = 1 if p.decode_m else -(-m // s.bm)
+    return m_blocks * -(-p.n // s.bn)
+
+
+def candidates(p: CudaProblem, arch: str = "sm_80", limit: int = 24, m: int = 128) -> list[CudaSchedule]:
+    """A small search space: tiles x warp splits x K stage x pipeline depth, filtered by
+    `fits`, ordered so the first entry is a sensible untuned default: a grid that fills the
+    GPU first (decode GEMVs need narrow N tiles), then more warps, deeper pipelines, longer
+    K stages. `m` is the token count the GEMM kernel is tuned for (decode: ``decode_m``)."""
+    if arch not in ARCH_LIMITS:
+        raise ValueError(f"arch={arch!r} is not one of {sorted(ARCH_LIMITS)}")
     out = []
     bms = (8,) if p.decode_m else (8, 16, 32)
     for bn in (8, 16, 32, 64):
@@ -166,16 +179,16 @@ def candidates(p: CudaProblem, arch: str = "sm_80", limit: int = 24) -> list[Cud
                     if wm * wn > 8:
                         continue
                     for bk in (4, 8, 16):
-                        for stages in ((1, 2, 3) if arch >= "sm_80" else (1,)):
+                        for stages in (1, 2, 3):
                             s = CudaSchedule(bm, bn, wm, wn, bk, stages)
                             if fits(p, s, arch):
                                 out.append(s)
-    # prefer more warps (latency hiding), then deeper pipelines, then bigger K stages
-    out.sort(key=lambda s: (-min(s.threads, 256), -s.stages, -s.bk, -s.bn, -s.bm))
+    out.sort(key=lambda s: (-min(grid_blocks(p, s, m), TARGET_BLOCKS), -min(s.threads, 256),
+                            -s.stages, -s.bk, -s.bn, -s.bm))
     if not out:
         raise ValueError(f"no CUDA schedule fits {p} on {arch}")
     return out[:limit]
 
 
-def default(p: CudaProblem, arch: str = "sm_80") -> CudaSchedule:
-    return candidates(p, arch, limit=1)[0]
+def default(p: CudaProblem, arch: str = "sm_80", m: int = 128) -> CudaSchedule:
+    return candidates(p, arch, limit=1, m=m)[0]
