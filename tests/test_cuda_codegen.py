@@ -198,3 +198,14 @@ def test_cuda_records_share_the_tuning_log(tmp_path):
     assert S.CudaSchedule(**again.get(key)["params"]) == sched
     table = again.table()
     assert key in table and "bn16" in table and "stages3" in table
+
+
+def test_cli_tune_cuda_validates_then_needs_a_gpu(tmp_path, capsys):
+    from abqc.cli import main
+
+    log = str(tmp_path / "log.jsonl")
+    assert main(["tune", "--device", "cuda", "--bits", "W3A16", "--log", log]) == 2
+    assert "abits=16" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["tune", "--device", "cuda", "--bits", "W2A8", "--log", log]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
