@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--group-size", type=int, default=0)
     t.add_argument("--log", default=None, metavar="PATH", help="tuning log (default: the cache's)")
     t.add_argument("--show", action="store_true", help="print the tuning log as a table and exit")
+    t.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="tune CPU kernels (default) or the b1 tensor-core kernels of the current GPU")
     return parser
 
 
@@ -230,10 +232,25 @@ def cmd_tune(args) -> int:
     for w, a in bits:
         if w not in WEIGHT_BITS or a not in ACT_BITS:
             raise AbqcError(f"W{w}A{a} is not allowed; weights 1..8, activations 1..8 or 16")
+    if args.device == "cuda":
+        import torch
+
+        from .codegen.cuda import runtime as cuda_rt
+
+        try:
+            for n, k in shapes:
+                for w, a in bits:
+                    cuda_rt.problem_for(KernelShape(n, k, w, a, args.group_size), 1)
+        except ValueError as e:
+            raise AbqcError(str(e)) from None
+        if not torch.cuda.is_available():
+            raise AbqcError("--device cuda needs a CUDA GPU; torch.cuda.is_available() is False here")
     for n, k in shapes:
         for w, a in bits:
             for m in ms:
-                rec = tuning.tune(KernelShape(n, k, w, a, args.group_size), m, tlog, progress=not args.quiet)
+                shape = KernelShape(n, k, w, a, args.group_size)
+                rec = cuda_rt.tune(shape, m, "cuda", tlog) if args.device == "cuda" else \
+                    tuning.tune(shape, m, tlog, progress=not args.quiet)
                 print(f"{rec['key']}: {rec['formulation']} {json.dumps(rec['params'])} {rec['ms']:.4f} ms")
     print(f"tuning log: {tlog.path}")
     return 0

@@ -109,8 +109,9 @@ class TuningLog:
         rows = [("key", "formulation", "schedule", "ms", "tried", "date")]
         for r in self.records.values():
             p = r["params"]
-            rows.append((r["key"], r["formulation"],
-                         f"{p['order']} n{p['n_tile']}{'' if p.get('m_outer', True) else ' m-in'}",
+            sched = (f"{p['order']} n{p['n_tile']}{'' if p.get('m_outer', True) else ' m-in'}"
+                     if "order" in p else " ".join(f"{k}{v}" for k, v in p.items()))  # CUDA records
+            rows.append((r["key"], r["formulation"], sched,
                          f"{r['ms']:.4f}", str(len(r.get("candidates", []))), r["date"][:16]))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
