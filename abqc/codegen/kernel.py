@@ -79,6 +79,10 @@ class Kernel:
         self._main = executable["main"] if has("main") else None
         self._acc = executable["acc"] if has("acc") else None
 
+    def main_unpack(self, *args) -> None:
+        """``main`` of an unpack kernel on prepared TVM tensors (the runtime's hot path)."""
+        self._main(*args)
+
     @property
     def weight_only(self) -> bool:
         """Whether ``main`` takes float activations (and the weight-only epilogue)."""

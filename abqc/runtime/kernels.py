@@ -88,10 +88,11 @@ def schedule_for(fmt: QuantFormat, m: int) -> tuple[str, dict]:
                  else _default(fmt.formulation, m))
 
 
-def kernel(fmt: QuantFormat, m: int) -> Kernel:
-    """The compiled kernel for `fmt` at M tokens (loaded once per process)."""
+def kernel(fmt: QuantFormat, m: int, spec: str | None = None) -> Kernel:
+    """The compiled kernel for `fmt` (whose string is `spec`, if at hand) at M tokens
+    (loaded once per process)."""
     bucket = m_bucket(m)
-    ck = (str(fmt), bucket)
+    ck = (spec or str(fmt), bucket)
     k = _kernels.get(ck)
     if k is None:
         with _lock:

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from ..codegen import packing as P
 from ..codegen.compute import packing_of
-from ..codegen.kernel import PackedWeight, pack_weight
+from ..codegen.actquant import actquant_kernel
+from ..codegen.kernel import PackedWeight, _dl, pack_weight
 from ..codegen.unpack import code_words
 from ..quantizer import compute_qparams
 from . import kernels
@@ -31,29 +32,52 @@ def _format(spec: str) -> QuantFormat:
     return fmt
 
 
-@torch.library.custom_op("abqc::qlinear", mutates_args=())
-def qlinear(x: Tensor, weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tensor,
-            weight_sum: Tensor, group_k: Tensor, bias: Optional[Tensor],
-            outlier_indices: Optional[Tensor], outlier_values: Optional[Tensor],
-            spec: str) -> Tensor:
+def qlinear_impl(x: Tensor, weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tensor,
+                 weight_sum: Tensor, group_k: Tensor, bias: Optional[Tensor],
+                 outlier_indices: Optional[Tensor], outlier_values: Optional[Tensor],
+                 spec: str) -> Tensor:
+    """What ``abqc::qlinear`` computes (called directly by eager modules: no dispatcher)."""
     fmt = _format(spec)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, fmt.k).float()
     m = x2.shape[0]
     y = torch.empty(m, fmt.n, dtype=torch.float32)
+    xa = None
     if m:
-        kern = kernels.kernel(fmt, m)
-        w = PackedWeight(fmt.formulation, fmt.shape, weight_packed, weight_scale,
-                         weight_zero_point, weight_sum, group_k)
-        kern(x2, w, fmt.act_symmetric, out=y)
+        kern = kernels.kernel(fmt, m, spec)
+        if fmt.formulation == "unpack":
+            y, xa = _run_unpack(kern, fmt, x2, weight_packed, weight_scale, weight_zero_point)
+        else:
+            w = PackedWeight(fmt.formulation, fmt.shape, weight_packed, weight_scale,
+                             weight_zero_point, weight_sum, group_k)
+            kern(x2, w, fmt.act_symmetric, out=y)
         if outlier_indices is not None and outlier_indices.numel():
-            xa = x2 if fmt.weight_only else _fake_quant_tokens(x2, fmt)
+            if xa is None:
+                xa = x2 if fmt.weight_only else _fake_quant_tokens(x2, fmt)
             h = torch.sparse_coo_tensor(outlier_indices, outlier_values, (fmt.n, fmt.k),
                                         check_invariants=False, is_coalesced=True)
             y += torch.sparse.mm(h, xa.T).T
     if bias is not None:
         y += bias.float()
     return y.view(*lead, fmt.n).to(x.dtype)
+
+
+qlinear = torch.library.custom_op("abqc::qlinear", qlinear_impl, mutates_args=())
+
+
+def _run_unpack(kern, fmt: QuantFormat, x2: Tensor, packed: Tensor, scale: Tensor, zero: Tensor):
+    """Activation quantization (a TVM kernel) then the unpack kernel; (y [M, N], x̂ [M, K])."""
+    s = fmt.shape
+    mt = kern.m_tile
+    m = x2.shape[0]
+    mp = -(-m // mt) * mt
+    xq = torch.empty(mp, s.kp)
+    xs = torch.empty(mp, s.groups)
+    y = torch.empty(mp, fmt.n)
+    aq = actquant_kernel(fmt.k, s.kp, s.groups, fmt.abits, fmt.act_symmetric, mt)
+    aq(_dl(x2), _dl(xq), _dl(xs), mp // mt)
+    kern.main_unpack(_dl(xq), _dl(packed), _dl(scale), _dl(zero), _dl(xs), _dl(y), mp // mt)
+    return y[:m], xq[:m, :fmt.k]
 
 
 @qlinear.register_fake
@@ -68,6 +92,13 @@ def _fake_quant_tokens(x: Tensor, fmt: QuantFormat) -> Tensor:
     return (torch.round(x / s + z).clamp_(0, qmax) - z) * s
 
 
+def _tracing(x: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return (isinstance(x, FakeTensor) or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting() or torch.fx._symbolic_trace.is_fx_tracing())
+
+
 class QuantLinear(nn.Module):
     """Drop-in for `nn.Linear` holding a packed weight; ``forward`` calls ``abqc::qlinear``.
 
@@ -78,6 +109,7 @@ class QuantLinear(nn.Module):
     def __init__(self, fmt: QuantFormat, bias: bool = False, outliers: int = 0):
         super().__init__()
         self.fmt = fmt
+        self.spec = str(fmt)
         self.in_features, self.out_features = fmt.k, fmt.n
         s = fmt.shape
         g = s.groups
@@ -123,10 +155,14 @@ class QuantLinear(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.abqc.qlinear(x, self.weight_packed, self.weight_scale,
-                                      self.weight_zero_point, self.weight_sum, self.group_k,
-                                      self.bias, self.outlier_indices, self.outlier_values,
-                                      str(self.fmt))
+        if _tracing(x):  # export / compile see the op; eager calls skip the dispatcher
+            return torch.ops.abqc.qlinear(x, self.weight_packed, self.weight_scale,
+                                          self.weight_zero_point, self.weight_sum, self.group_k,
+                                          self.bias, self.outlier_indices, self.outlier_values,
+                                          self.spec)
+        return qlinear_impl(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
+                            self.weight_sum, self.group_k, self.bias, self.outlier_indices,
+                            self.outlier_values, self.spec)
 
     def extra_repr(self) -> str:
         return str(self.fmt)
