@@ -194,7 +194,7 @@ def test_search_space_fits_and_keys_name_the_arch():
 def test_kernel_for_cpu_device_gives_the_cpu_kernel(tmp_path):
     kern = kernel_for(KernelShape(16, 64, 2, 4), 1, "cpu", TuningLog(tmp_path / "log.jsonl"),
                       tune_missing=False)
-    assert isinstance(kern, Kernel) and kern.formulation == "bitserial"
+    assert isinstance(kern, Kernel) and kern.formulation == "unpack"  # the untuned CPU default
 
 
 def test_cuda_records_share_the_tuning_log(tmp_path):
