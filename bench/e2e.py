@@ -109,7 +109,9 @@ def run_one(args) -> dict:
         else:
             w, a = CONFIGS[args.one]
             t = time.perf_counter()
-            cm = abqc.compile(model, wbits=w, abits=a, tokenizer=tok, tune=args.tune)
+            cm = abqc.compile(model, wbits=w, abits=a, tokenizer=tok, tune=args.tune,
+                              exclude=() if args.lm_head else ("lm_head",))
+            row["lm_head_quantized"] = bool(args.lm_head)
             row["compile_s"] = round(time.perf_counter() - t, 1)
             row["peak_rss_mb_compile"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
             row["formulations"] = sorted({k.rsplit("f=", 1)[-1] for k in
@@ -155,6 +157,8 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--tvm-threads", type=int, default=1)
     ap.add_argument("--tune", action="store_true", help="tune unknown kernel keys first")
+    ap.add_argument("--lm-head", action="store_true",
+                    help="quantize lm_head too (excluded by default, as in the papers)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "e2e.json"))
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -181,7 +185,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", name, "--child-out", child] + \
             [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
              if k in ("model", "prompt", "decode_tokens", "ppl_windows", "torch_threads")] + \
-            (["--tune"] if args.tune else [])
+            (["--tune"] if args.tune else []) + (["--lm-head"] if args.lm_head else [])
         subprocess.run(cmd, check=True, env=env)
         r = json.load(open(child))
         os.remove(child)

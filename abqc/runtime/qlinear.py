@@ -160,9 +160,45 @@ class QuantLinear(nn.Module):
                                           self.weight_zero_point, self.weight_sum, self.group_k,
                                           self.bias, self.outlier_indices, self.outlier_values,
                                           self.spec)
+        if self.fmt.formulation == "unpack" and x.numel() == self.fmt.k:
+            return self._decode_one(x)
         return qlinear_impl(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                             self.weight_sum, self.group_k, self.bias, self.outlier_indices,
                             self.outlier_values, self.spec)
+
+    def _decode_one(self, x: Tensor) -> Tensor:
+        """One token (a decode step): the activation buffers and the TVM views of the packed
+        weight are made once and reused; per call, only x and y cross DLPack."""
+        key = (self.weight_packed.data_ptr(), self.weight_scale.data_ptr(),
+               self.weight_zero_point.data_ptr())
+        st = self.__dict__.get("_decode_state")
+        if st is None or st[0] != key:
+            kern = kernels.kernel(self.fmt, 1, self.spec)
+            if kern.m_tile != 1:
+                return qlinear_impl(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
+                                    self.weight_sum, self.group_k, self.bias, self.outlier_indices,
+                                    self.outlier_values, self.spec)
+            s = self.fmt.shape
+            xq, xs = torch.empty(1, s.kp), torch.empty(1, s.groups)
+            aq = actquant_kernel(self.fmt.k, s.kp, s.groups, self.fmt.abits, self.fmt.act_symmetric, 1)
+            st = (key, aq, kern._main, xq, xs, _dl(xq), _dl(xs), _dl(self.weight_packed),
+                  _dl(self.weight_scale), _dl(self.weight_zero_point))
+            self.__dict__["_decode_state"] = st
+        _, aq, main, xq, _, xq_t, xs_t, w_t, s_t, z_t = st
+        x2 = x.reshape(1, self.fmt.k)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        y = torch.empty(1, self.fmt.n)
+        aq(_dl(x2), xq_t, xs_t, 1)
+        main(xq_t, w_t, s_t, z_t, xs_t, _dl(y), 1)
+        if self.outlier_indices is not None and self.outlier_indices.numel():
+            h = torch.sparse_coo_tensor(self.outlier_indices, self.outlier_values,
+                                        (self.fmt.n, self.fmt.k), check_invariants=False,
+                                        is_coalesced=True)
+            y += torch.sparse.mm(h, xq[:, :self.fmt.k].T).T
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], self.fmt.n).to(x.dtype)
 
     def extra_repr(self) -> str:
         return str(self.fmt)
