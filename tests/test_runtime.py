@@ -81,3 +81,28 @@ def test_fake_quant_models_cannot_be_saved(tiny_models, tmp_path):
         cm.save(tmp_path / "q")
     with pytest.raises(RuntimeError, match="no transformers model tree"):
         cm.generate(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_single_token_fast_path_equals_the_op():
+    """The decode fast path (cached buffers and weight views) computes what abqc::qlinear does,
+    bias and sparse outliers included, and notices replaced weights."""
+    from abqc.runtime.format import QuantFormat
+
+    g = torch.Generator().manual_seed(0)
+    fmt = QuantFormat(n=24, k=200, wbits=3, abits=8)
+    codes = torch.randint(0, 8, (24, 200), generator=g).to(torch.uint8)
+    h = torch.zeros(24, 200)
+    h[3, 7], h[20, 150] = 0.5, -1.25
+    q = QuantLinear.from_codes(fmt, codes, torch.rand(24, 1, generator=g) + 0.1,
+                               torch.full((24, 1), 3.0), bias=torch.randn(24, generator=g),
+                               outliers=h.to_sparse_coo())
+    x = torch.randn(1, 1, 200, generator=g)
+    op = torch.ops.abqc.qlinear(x, q.weight_packed, q.weight_scale, q.weight_zero_point,
+                                q.weight_sum, q.group_k, q.bias, q.outlier_indices,
+                                q.outlier_values, q.spec)
+    assert torch.equal(q(x), op) and "_decode_state" in q.__dict__
+    q.weight_scale = q.weight_scale * 2  # a new tensor: the cached view must not be used
+    op2 = torch.ops.abqc.qlinear(x, q.weight_packed, q.weight_scale, q.weight_zero_point,
+                                 q.weight_sum, q.group_k, q.bias, q.outlier_indices,
+                                 q.outlier_values, q.spec)
+    assert torch.equal(q(x), op2) and not torch.equal(op2, op)
