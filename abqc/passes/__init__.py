@@ -16,14 +16,20 @@ from .fuse_qdq import QuantDequantFusion
 from .insert_qdq import InsertQuantDequant
 from .instruments import DumpIR, PassTimings, PrintIR
 from .rtn import RoundToNearest
+from .smooth import Smooth
+
+
+def _smooth(config: CompileConfig) -> list[Pass]:
+    return [Smooth(config.smooth_alpha)] if config.smooth else []
 
 
 def _rtn(config: CompileConfig) -> list[Pass]:
-    return [AnnotateQuant(config), InsertQuantDequant(), RoundToNearest(), QuantDequantFusion()]
+    return [AnnotateQuant(config), *_smooth(config), InsertQuantDequant(), RoundToNearest(),
+            QuantDequantFusion()]
 
 
 def _calibrated(config: CompileConfig) -> list[Pass]:
-    return [AnnotateQuant(config), InsertQuantDequant(),
+    return [AnnotateQuant(config), *_smooth(config), InsertQuantDequant(),
             Calibrate(solver_options=dict(config.solver_options)),
             RoundToNearest(), QuantDequantFusion()]
 
@@ -31,6 +37,14 @@ def _calibrated(config: CompileConfig) -> list[Pass]:
 PIPELINES: dict[str, Callable[[CompileConfig], list[Pass]]] = {
     "rtn": _rtn, "gptq": _calibrated, "quantease": _calibrated,
     "quantease_outlier": _calibrated, "gptq_quantease": _calibrated, "calibrate": _calibrated}
+
+
+def pipeline_name(config: CompileConfig) -> str:
+    """The pipeline `abqc.compile` runs for `config`."""
+    methods = config.methods()
+    if methods == {"rtn"}:
+        return "rtn"
+    return "abq" if "abq" in methods else "calibrate"
 
 
 def pipeline(name: str, config: CompileConfig | None = None) -> Sequential:
@@ -42,4 +56,4 @@ def pipeline(name: str, config: CompileConfig | None = None) -> Sequential:
 
 __all__ = ["AnnotateQuant", "Calibrate", "DumpIR", "InsertQuantDequant", "Pass", "PassContext",
            "PassInstrument", "PassTimings", "PrintIR", "QuantDequantFusion", "RoundToNearest",
-           "Sequential", "pipeline", "PIPELINES"]
+           "Sequential", "Smooth", "pipeline", "pipeline_name", "PIPELINES"]
