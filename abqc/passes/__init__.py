@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..config import CompileConfig
+from ..config import FLOAT_BITS, CompileConfig
 from ..errors import ConfigError
 from .annotate import AnnotateQuant
 from .calibrate import Calibrate
@@ -16,6 +16,7 @@ from .fuse_qdq import QuantDequantFusion
 from .insert_qdq import InsertQuantDequant
 from .instruments import DumpIR, PassTimings, PrintIR
 from .rtn import RoundToNearest
+from .kv_quant import QuantizeAttention
 from .smooth import Smooth
 
 
@@ -23,13 +24,17 @@ def _smooth(config: CompileConfig) -> list[Pass]:
     return [Smooth(config.smooth_alpha)] if config.smooth else []
 
 
+def _kv(config: CompileConfig) -> list[Pass]:
+    return [QuantizeAttention(config.kv_bits, config.act_symmetric)] if config.kv_bits != FLOAT_BITS else []
+
+
 def _rtn(config: CompileConfig) -> list[Pass]:
-    return [AnnotateQuant(config), *_smooth(config), InsertQuantDequant(), RoundToNearest(),
-            QuantDequantFusion()]
+    return [AnnotateQuant(config), *_smooth(config), InsertQuantDequant(), *_kv(config),
+            RoundToNearest(), QuantDequantFusion()]
 
 
 def _calibrated(config: CompileConfig) -> list[Pass]:
-    return [AnnotateQuant(config), *_smooth(config), InsertQuantDequant(),
+    return [AnnotateQuant(config), *_smooth(config), InsertQuantDequant(), *_kv(config),
             Calibrate(solver_options=dict(config.solver_options)),
             RoundToNearest(), QuantDequantFusion()]
 
@@ -55,5 +60,6 @@ def pipeline(name: str, config: CompileConfig | None = None) -> Sequential:
 
 
 __all__ = ["AnnotateQuant", "Calibrate", "DumpIR", "InsertQuantDequant", "Pass", "PassContext",
-           "PassInstrument", "PassTimings", "PrintIR", "QuantDequantFusion", "RoundToNearest",
+           "PassInstrument", "PassTimings", "PrintIR", "QuantDequantFusion", "QuantizeAttention",
+           "RoundToNearest",
            "Sequential", "Smooth", "pipeline", "pipeline_name", "PIPELINES"]
