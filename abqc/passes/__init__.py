@@ -9,8 +9,10 @@ from typing import Callable
 
 from ..config import FLOAT_BITS, CompileConfig
 from ..errors import ConfigError
+from .abq import ABQCalibrate
 from .annotate import AnnotateQuant
 from .calibrate import Calibrate
+from .compensation import DownProjCompensation
 from .base import Pass, PassContext, PassInstrument, Sequential
 from .fuse_qdq import QuantDequantFusion
 from .insert_qdq import InsertQuantDequant
@@ -39,9 +41,21 @@ def _calibrated(config: CompileConfig) -> list[Pass]:
             RoundToNearest(), QuantDequantFusion()]
 
 
+def _abq(config: CompileConfig) -> list[Pass]:
+    """Smooth (the SmoothQuant start), compensation nodes, ABQ training, fold, round."""
+    from ..calibration.abq_options import ABQOptions
+
+    opts = ABQOptions.from_dict(dict(config.abq_options))
+    comp = ([DownProjCompensation("insert", opts.comp_first, opts.comp_last)]
+            if opts.compensation else [])
+    return [AnnotateQuant(config), Smooth(config.smooth_alpha), InsertQuantDequant(), *_kv(config),
+            *comp, ABQCalibrate(dict(config.abq_options), config.kv_bits, config.act_symmetric),
+            *([DownProjCompensation("fold")] if comp else []), RoundToNearest(), QuantDequantFusion()]
+
+
 PIPELINES: dict[str, Callable[[CompileConfig], list[Pass]]] = {
     "rtn": _rtn, "gptq": _calibrated, "quantease": _calibrated,
-    "quantease_outlier": _calibrated, "gptq_quantease": _calibrated, "calibrate": _calibrated}
+    "quantease_outlier": _calibrated, "gptq_quantease": _calibrated, "calibrate": _calibrated, "abq": _abq}
 
 
 def pipeline_name(config: CompileConfig) -> str:
@@ -59,7 +73,7 @@ def pipeline(name: str, config: CompileConfig | None = None) -> Sequential:
     return Sequential(PIPELINES[name](config or CompileConfig(method=name)), name=name)
 
 
-__all__ = ["AnnotateQuant", "Calibrate", "DumpIR", "InsertQuantDequant", "Pass", "PassContext",
+__all__ = ["ABQCalibrate", "AnnotateQuant", "DownProjCompensation", "Calibrate", "DumpIR", "InsertQuantDequant", "Pass", "PassContext",
            "PassInstrument", "PassTimings", "PrintIR", "QuantDequantFusion", "QuantizeAttention",
            "RoundToNearest",
            "Sequential", "Smooth", "pipeline", "pipeline_name", "PIPELINES"]
