@@ -35,7 +35,7 @@ def compile(model: nn.Module, wbits: int = 4, abits: int = 16, *,
     if calib is not None and not isinstance(calib, (list, tuple, torch.Tensor)):
         raise ConfigError(f"calib must be a list of texts or a LongTensor of token ids, "
                           f"got {type(calib).__name__}")
-    data_free = config.methods() == {"rtn"} and not config.smooth
+    data_free = config.methods() == {"rtn"} and not config.smooth and config.bit_budget is None
     if calib is not None and data_free:
         log.info("method 'rtn' is data-free: the calibration data is not used")
 

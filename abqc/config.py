@@ -149,6 +149,9 @@ class CompileConfig:
     abq_options: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"epochs": 2}
     # attention activations: Q, K (per token and head, after RoPE) and V (per token)
     kv_bits: int = FLOAT_BITS
+    # mixed precision: per-linear weight widths chosen under this average (BitWidthAssignment)
+    bit_budget: float | None = None
+    bit_widths: tuple = (BIT_BALANCE, 3, 4, 6, 8)
     # capture
     max_seq_len: int | None = None
     # reporting
@@ -162,6 +165,15 @@ class CompileConfig:
         if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
                 or not 0 <= self.smooth_alpha <= 1:
             raise ConfigError(f"smooth_alpha={self.smooth_alpha!r} is not allowed; use a number in [0, 1]")
+        if self.bit_budget is not None and (isinstance(self.bit_budget, bool) or not isinstance(
+                self.bit_budget, (int, float)) or not 1 <= self.bit_budget <= 8):
+            raise ConfigError(f"bit_budget={self.bit_budget!r} is not allowed; use an average "
+                              "number of weight bits in [1, 8], e.g. 3.0")
+        object.__setattr__(self, "bit_widths", tuple(self.bit_widths))
+        if not self.bit_widths:
+            raise ConfigError("bit_widths=() is not allowed; give the widths to choose from, e.g. ('2*', 3, 4)")
+        for w in self.bit_widths:
+            _check_wbits("bit_widths entry", w)
         from .calibration.abq_options import ABQOptions
         ABQOptions.from_dict(dict(self.abq_options))  # refuse bad ABQ options up front
         _check_group(self.group_size)
@@ -239,4 +251,5 @@ class CompileConfig:
         d["exclude"] = list(self.exclude)
         d["solver_options"] = dict(self.solver_options)
         d["abq_options"] = dict(self.abq_options)
+        d["bit_widths"] = list(self.bit_widths)
         return d

@@ -50,3 +50,54 @@ def test_fewer_bits_hurt_more(annotated, calib):
     assert "act" not in low["component"]["q_proj"]  # A16: no activation runs
     assert sum(low["block"].values()) > sum(high["block"].values())
     assert sum(abs(v) for v in high["block"].values()) < 1e-3
+
+
+def test_bit_assignment_respects_budget_and_shared_input_groups(tiny_models, calib):
+    from abqc.ir import ANNOT_KEY
+    from abqc.passes.bitwidth import ASSIGN_KEY, BitWidthAssignment, width_cost
+
+    m = tiny_models["llama"]
+    # give k_proj narrower activations than q/v: the pass must re-unite the shared input
+    cfg = CompileConfig(wbits=4, abits=8, overrides={"k_proj": {"abits": 4}})
+    results = {}
+    for budget in (3.0, 4.0):
+        with torch.no_grad(), PassContext(config=cfg, calib=calib):
+            gm = BitWidthAssignment(budget, widths=("2*", 3, 4, 6, 8))(AnnotateQuant(cfg)(capture(m)))
+        rep = gm.meta[ASSIGN_KEY]
+        anns = {n.meta["abqc.path"]: n.meta[ANNOT_KEY] for n in gm.graph.nodes
+                if n.meta.get(ANNOT_KEY) is not None}
+        sizes = {p: m.get_submodule(p).weight.numel() for p in anns}
+        avg = sum(sizes[p] * width_cost(rep["widths"][p]) for p in anns) / sum(sizes.values())
+        assert avg <= budget + 1e-9 and avg == pytest.approx(rep["average_bits"])
+        assert len(set(rep["widths"].values())) > 1  # mixed precision, not uniform
+        for blk in (0, 1):
+            qkv = [anns[f"model.layers.{blk}.self_attn.{x}_proj"].act for x in "qkv"]
+            assert qkv[0] == qkv[1] == qkv[2] and qkv[0].bits == 8
+        results[budget] = rep["error"]
+    assert results[3.0] > results[4.0]  # a tighter budget costs accuracy
+
+
+def test_greedy_assignment_beats_uniform_at_the_same_budget():
+    from abqc.passes.bitwidth import greedy_assign
+
+    # two layers: one 10x more sensitive; uniform 3 bits vs the assignment at 3.0 average
+    err = lambda k: {2: 16.0 * k, 3: 4.0 * k, 4: 1.0 * k}  # noqa: E731
+    errors, sizes = {"a": err(10.0), "b": err(1.0)}, {"a": 100, "b": 100}
+    pick = greedy_assign(errors, sizes, 3.0)
+    assert pick == {"a": 4, "b": 2}
+    assert sum(errors[p][pick[p]] for p in pick) < sum(errors[p][3] for p in pick)
+    with pytest.raises(Exception, match="below the narrowest"):
+        greedy_assign(errors, sizes, 1.0)
+
+
+def test_bit_budget_option_compiles_mixed_precision(tiny_models, calib):
+    import abqc
+
+    with pytest.raises(abqc.ConfigError, match="bit_budget=0.5"):
+        abqc.compile(tiny_models["llama"], bit_budget=0.5, calib=calib)
+    with pytest.raises(abqc.ConfigError, match="bit_widths entry=5.5"):
+        abqc.compile(tiny_models["llama"], bit_budget=3.0, bit_widths=(3, 5.5), calib=calib)
+    cm = abqc.compile(tiny_models["llama"], wbits=4, bit_budget=3.0, bit_widths=(2, 3, 4), calib=calib)
+    bits = {a.weight.bits for a in cm.annotations.values() if a}
+    assert len(bits) > 1 and bits <= {2, 3, 4}
+    assert "W2b" in cm.ir() or "W3b" in cm.ir()

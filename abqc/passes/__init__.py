@@ -11,6 +11,7 @@ from ..config import FLOAT_BITS, CompileConfig
 from ..errors import ConfigError
 from .abq import ABQCalibrate
 from .annotate import AnnotateQuant
+from .bitwidth import BitWidthAssignment
 from .calibrate import Calibrate
 from .compensation import DownProjCompensation
 from .base import Pass, PassContext, PassInstrument, Sequential
@@ -23,7 +24,8 @@ from .smooth import Smooth
 
 
 def _smooth(config: CompileConfig) -> list[Pass]:
-    return [Smooth(config.smooth_alpha)] if config.smooth else []
+    bits = [BitWidthAssignment(config.bit_budget, config.bit_widths)] if config.bit_budget else []
+    return bits + ([Smooth(config.smooth_alpha)] if config.smooth else [])
 
 
 def _kv(config: CompileConfig) -> list[Pass]:
@@ -48,7 +50,8 @@ def _abq(config: CompileConfig) -> list[Pass]:
     opts = ABQOptions.from_dict(dict(config.abq_options))
     comp = ([DownProjCompensation("insert", opts.comp_first, opts.comp_last)]
             if opts.compensation else [])
-    return [AnnotateQuant(config), Smooth(config.smooth_alpha), InsertQuantDequant(), *_kv(config),
+    bits = [BitWidthAssignment(config.bit_budget, config.bit_widths)] if config.bit_budget else []
+    return [AnnotateQuant(config), *bits, Smooth(config.smooth_alpha), InsertQuantDequant(), *_kv(config),
             *comp, ABQCalibrate(dict(config.abq_options), config.kv_bits, config.act_symmetric),
             *([DownProjCompensation("fold")] if comp else []), RoundToNearest(), QuantDequantFusion()]
 
@@ -73,7 +76,7 @@ def pipeline(name: str, config: CompileConfig | None = None) -> Sequential:
     return Sequential(PIPELINES[name](config or CompileConfig(method=name)), name=name)
 
 
-__all__ = ["ABQCalibrate", "AnnotateQuant", "DownProjCompensation", "Calibrate", "DumpIR", "InsertQuantDequant", "Pass", "PassContext",
+__all__ = ["ABQCalibrate", "AnnotateQuant", "BitWidthAssignment", "DownProjCompensation", "Calibrate", "DumpIR", "InsertQuantDequant", "Pass", "PassContext",
            "PassInstrument", "PassTimings", "PrintIR", "QuantDequantFusion", "QuantizeAttention",
            "RoundToNearest",
            "Sequential", "Smooth", "pipeline", "pipeline_name", "PIPELINES"]
