@@ -124,7 +124,7 @@ def test_compensation_is_visible_then_folded(tiny_models, ids):
         assert "comp_a" not in format_graph(gm)
 
 
-def test_abq_beats_rtn_block_loss_and_is_folded_into_the_graph(tiny_models, monkeypatch):
+def test_abq_beats_rtn_block_loss_and_is_folded_into_the_graph(tiny_models, monkeypatch, tmp_path):
     """W4A4 on tiny Llama: every block's trained loss is below RTN's on the same inputs, and
     the compiled graph computes exactly what the trained blocks computed."""
     import abqc.passes.abq as abq_pass
@@ -153,6 +153,11 @@ def test_abq_beats_rtn_block_loss_and_is_folded_into_the_graph(tiny_models, monk
         hidden = torch.cat([i.hidden for i in kept["inputs"]])  # the last trained block's outputs
         chain = m.lm_head(m.model.norm(hidden))
         assert torch.allclose(cm(calib).logits, chain, atol=1e-4)
+        # everything learnt lives in the graph's tensors: a saved and reloaded export agrees
+        path = tmp_path / "abq.pt2"
+        torch.export.save(torch.export.export(cm.graph_module, (calib[:2],), strict=False), path)
+        again = torch.export.load(path).module()
+        assert torch.allclose(again(calib[:2]), cm(calib[:2]).logits, atol=1e-6)
 
 
 def test_abq_options_are_validated(tiny_models):
