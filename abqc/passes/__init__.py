@@ -18,14 +18,18 @@ from .base import Pass, PassContext, PassInstrument, Sequential
 from .fuse_qdq import QuantDequantFusion
 from .insert_qdq import InsertQuantDequant
 from .instruments import DumpIR, PassTimings, PrintIR
-from .rtn import RoundToNearest
 from .kv_quant import QuantizeAttention
+from .rtn import RoundToNearest
 from .smooth import Smooth
 
 
+def _bits(config: CompileConfig) -> list[Pass]:
+    return [BitWidthAssignment(config.bit_budget, config.bit_widths)] if config.bit_budget else []
+
+
 def _smooth(config: CompileConfig) -> list[Pass]:
-    bits = [BitWidthAssignment(config.bit_budget, config.bit_widths)] if config.bit_budget else []
-    return bits + ([Smooth(config.smooth_alpha)] if config.smooth else [])
+    """Passes between annotation and quantizer insertion: bit widths, then smoothing."""
+    return _bits(config) + ([Smooth(config.smooth_alpha)] if config.smooth else [])
 
 
 def _kv(config: CompileConfig) -> list[Pass]:
@@ -50,8 +54,8 @@ def _abq(config: CompileConfig) -> list[Pass]:
     opts = ABQOptions.from_dict(dict(config.abq_options))
     comp = ([DownProjCompensation("insert", opts.comp_first, opts.comp_last)]
             if opts.compensation else [])
-    bits = [BitWidthAssignment(config.bit_budget, config.bit_widths)] if config.bit_budget else []
-    return [AnnotateQuant(config), *bits, Smooth(config.smooth_alpha), InsertQuantDequant(), *_kv(config),
+    return [AnnotateQuant(config), *_bits(config), Smooth(config.smooth_alpha), InsertQuantDequant(),
+            *_kv(config),
             *comp, ABQCalibrate(dict(config.abq_options), config.kv_bits, config.act_symmetric),
             *([DownProjCompensation("fold")] if comp else []), RoundToNearest(), QuantDequantFusion()]
 
@@ -76,7 +80,8 @@ def pipeline(name: str, config: CompileConfig | None = None) -> Sequential:
     return Sequential(PIPELINES[name](config or CompileConfig(method=name)), name=name)
 
 
-__all__ = ["ABQCalibrate", "AnnotateQuant", "BitWidthAssignment", "DownProjCompensation", "Calibrate", "DumpIR", "InsertQuantDequant", "Pass", "PassContext",
+__all__ = ["ABQCalibrate", "AnnotateQuant", "BitWidthAssignment", "Calibrate", "DownProjCompensation",
+           "DumpIR", "InsertQuantDequant", "Pass", "PassContext",
            "PassInstrument", "PassTimings", "PrintIR", "QuantDequantFusion", "QuantizeAttention",
            "RoundToNearest",
            "Sequential", "Smooth", "pipeline", "pipeline_name", "PIPELINES"]
