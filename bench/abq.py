@@ -77,10 +77,11 @@ def run_one(args) -> dict:
     cm = abqc.compile(model, wbits=wbits, abits=abits, tokenizer=tok, nsamples=args.nsamples,
                       seqlen=args.calib_seqlen, **options)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    compile_s = time.perf_counter() - t0
     r = abqc.eval.perplexity_of_windows(cm, windows, desc=args.one)
     abq_stats = cm.graph_module.meta.get("abqc.abq_stats", {})
     r.update(config=name, wbits=wbits, abits=abits, method=method, options=options,
-             compile_seconds=round(time.perf_counter() - t0, 1),
+             compile_seconds=round(compile_s, 1),
              compile_cpu_seconds=round((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime), 1),
              peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     if abq_stats:
