@@ -11,7 +11,7 @@ from .capture import capture, check_model
 from .compiled import CompiledModel
 from .config import CompileConfig
 from .errors import ConfigError
-from .passes import DumpIR, PassContext, PassTimings, PrintIR, pipeline
+from .passes import DumpIR, PassContext, PassTimings, PrintIR, pipeline, pipeline_name
 
 log = logging.getLogger("abqc")
 
@@ -35,7 +35,7 @@ def compile(model: nn.Module, wbits: int = 4, abits: int = 16, *,
     if calib is not None and not isinstance(calib, (list, tuple, torch.Tensor)):
         raise ConfigError(f"calib must be a list of texts or a LongTensor of token ids, "
                           f"got {type(calib).__name__}")
-    data_free = config.methods() == {"rtn"}
+    data_free = config.methods() == {"rtn"} and not config.smooth and config.bit_budget is None
     if calib is not None and data_free:
         log.info("method 'rtn' is data-free: the calibration data is not used")
 
@@ -48,7 +48,7 @@ def compile(model: nn.Module, wbits: int = 4, abits: int = 16, *,
         instruments.append(PrintIR())
     with torch.no_grad(), PassContext(instruments, config=config, calib=calib, tokenizer=tokenizer,
                                           model=model):
-        gm = pipeline("rtn" if data_free else "calibrate", config)(gm)
+        gm = pipeline(pipeline_name(config), config)(gm)
     hf_model = None
     if config.backend == "kernels":
         from .runtime.hf_model import lowered_modules, quantized_model

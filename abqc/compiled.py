@@ -38,6 +38,7 @@ class CompiledModel(nn.Module):
         """Write packed safetensors, config.json (``quantization_config``) and the tokenizer;
         reload with `abqc.load` or ``AutoModelForCausalLM.from_pretrained`` after ``import abqc``."""
         from .runtime.save import save
+        self._check_tree_is_whole("save")
         return save(self, directory, tokenizer)
 
     def generate(self, *args, **kwargs):
@@ -45,7 +46,16 @@ class CompiledModel(nn.Module):
         if self.hf_model is None:
             raise RuntimeError("this CompiledModel has no transformers model tree to generate "
                                "with (backend='fake_quant' keeps only the graph)")
+        self._check_tree_is_whole("generate")
         return self.hf_model.generate(*args, **kwargs)
+
+    def _check_tree_is_whole(self, what: str) -> None:
+        """The transformers tree carries the quantized linears, not graph-only rewrites."""
+        if getattr(self.config, "kv_bits", 16) != 16:
+            raise NotImplementedError(
+                f"{what} runs the transformers model tree, which has the quantized linears but "
+                f"not the attention quantization of kv_bits={self.config.kv_bits} (it lives in "
+                "the graph only); call the model (cm(ids)) for logits, or compile without kv_bits")
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> CausalLMOutput:
         if kwargs.get("attention_mask") is not None and not bool(kwargs["attention_mask"].all()):

@@ -18,6 +18,10 @@ FLOAT_BITS = 16
 WEIGHT_BITS = tuple(range(1, 9))
 ACT_BITS = tuple(range(1, 9)) + (FLOAT_BITS,)
 GRANULARITIES = ("channel", "group", "token")
+#: wbits value of the "bit balance" format: the 5-level symmetric grid (codes 0..4),
+#: stored and run as 3 bits.
+BIT_BALANCE = "2*"
+BIT_BALANCE_QMAX = 4
 
 
 def sym_zero(qmax: int) -> float:
@@ -41,8 +45,12 @@ class QuantSpec:
     granularity: str = "channel"  # weights: channel | group; activations: token
     group_size: int = 0  # > 0 only for granularity "group"
     dynamic: bool = False  # qparams computed at run time (activations)
+    balanced: bool = False  # the "2*" grid: 5 symmetric levels, stored as 3 bits
 
     def __post_init__(self):
+        if self.balanced and (self.bits != 3 or not self.symmetric):
+            raise ConfigError(f"a bit-balance (2*) spec is stored as 3 symmetric bits; got "
+                              f"bits={self.bits!r}, symmetric={self.symmetric!r}")
         if self.bits not in WEIGHT_BITS:
             raise ConfigError(f"bits={self.bits!r} is not allowed; use an integer in 1..8")
         if self.granularity not in GRANULARITIES:
@@ -55,13 +63,14 @@ class QuantSpec:
 
     @property
     def qmax(self) -> int:
-        return (1 << self.bits) - 1
+        return BIT_BALANCE_QMAX if self.balanced else (1 << self.bits) - 1
 
     def describe(self) -> str:
         gran = f"g{self.group_size}" if self.granularity == "group" else f"per-{self.granularity}"
         kind = "sym" if self.symmetric else "asym"
         dyn = " dynamic" if self.dynamic else ""
-        return f"{self.bits}b {gran} {kind}{dyn}"
+        bits = f"{BIT_BALANCE}(5 levels, stored 3)b" if self.balanced else f"{self.bits}b"
+        return f"{bits} {gran} {kind}{dyn}"
 
 
 @dataclass(frozen=True)
@@ -80,7 +89,9 @@ class LinearAnnotation:
 
 
 BACKENDS = ("kernels", "fake_quant")
-METHODS = ("rtn", "gptq", "quantease", "quantease_outlier", "gptq_quantease")
+#: Block-wise methods (trained per decoder block, not per linear): no layer-wise solver.
+BLOCK_METHODS = ("abq",)
+METHODS = ("rtn", "gptq", "quantease", "quantease_outlier", "gptq_quantease") + BLOCK_METHODS
 
 #: Fields an override may set for the modules its regex matches.
 OVERRIDE_KEYS = ("wbits", "abits", "group_size", "symmetric", "act_symmetric", "method", "skip")
@@ -90,6 +101,23 @@ def _check_bits(name: str, value: Any, allowed: tuple[int, ...]) -> None:
     if isinstance(value, bool) or value not in allowed:
         raise ConfigError(f"{name}={value!r} is not allowed; use one of {list(allowed)}"
                           + (" (16 = float activations)" if FLOAT_BITS in allowed else ""))
+
+
+def _check_wbits(name: str, value: Any) -> None:
+    if value == BIT_BALANCE:
+        return
+    if isinstance(value, bool) or value not in WEIGHT_BITS:
+        raise ConfigError(f"{name}={value!r} is not allowed; use one of {list(WEIGHT_BITS)} "
+                          f"or {BIT_BALANCE!r} (bit balance: 5 symmetric levels stored as 3 bits)")
+
+
+def weight_spec(wbits: Any, symmetric: bool, group_size: int) -> QuantSpec:
+    """The weight QuantSpec for a (validated) wbits value; "2*" is the 5-level symmetric grid."""
+    gran = "group" if group_size else "channel"
+    if wbits == BIT_BALANCE:
+        return QuantSpec(bits=3, symmetric=True, granularity=gran, group_size=group_size,
+                         balanced=True)
+    return QuantSpec(bits=wbits, symmetric=symmetric, granularity=gran, group_size=group_size)
 
 
 def _check_group(value: Any) -> None:
@@ -102,7 +130,7 @@ def _check_group(value: Any) -> None:
 class CompileConfig:
     """Every option of `abqc.compile`. Unknown names and bad values raise `ConfigError`."""
 
-    wbits: int = 4
+    wbits: int | str = 4  # 1..8, or "2*" (bit balance)
     abits: int = 16
     group_size: int = 0
     symmetric: bool = False  # weights
@@ -120,6 +148,15 @@ class CompileConfig:
     # "fake_quant" keeps the float graph with quantize/dequantize ops (the reference)
     backend: str = "kernels"
     tune: bool | None = None  # tune unknown kernel keys now (None: unless ABQC_TUNE=0)
+    # SmoothQuant scales folded in before quantization (always on for method "abq")
+    smooth: bool = False
+    smooth_alpha: float = 0.5
+    abq_options: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"epochs": 2}
+    # attention activations: Q, K (per token and head, after RoPE) and V (per token)
+    kv_bits: int = FLOAT_BITS
+    # mixed precision: per-linear weight widths chosen under this average (BitWidthAssignment)
+    bit_budget: float | None = None
+    bit_widths: tuple = (BIT_BALANCE, 3, 4, 6, 8)
     # capture
     max_seq_len: int | None = None
     # reporting
@@ -127,8 +164,23 @@ class CompileConfig:
     print_ir: bool = False
 
     def __post_init__(self):
-        _check_bits("wbits", self.wbits, WEIGHT_BITS)
+        _check_wbits("wbits", self.wbits)
         _check_bits("abits", self.abits, ACT_BITS)
+        _check_bits("kv_bits", self.kv_bits, ACT_BITS)
+        if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
+                or not 0 <= self.smooth_alpha <= 1:
+            raise ConfigError(f"smooth_alpha={self.smooth_alpha!r} is not allowed; use a number in [0, 1]")
+        if self.bit_budget is not None and (isinstance(self.bit_budget, bool) or not isinstance(
+                self.bit_budget, (int, float)) or not 1 <= self.bit_budget <= 8):
+            raise ConfigError(f"bit_budget={self.bit_budget!r} is not allowed; use an average "
+                              "number of weight bits in [1, 8], e.g. 3.0")
+        object.__setattr__(self, "bit_widths", tuple(self.bit_widths))
+        if not self.bit_widths:
+            raise ConfigError("bit_widths=() is not allowed; give the widths to choose from, e.g. ('2*', 3, 4)")
+        for w in self.bit_widths:
+            _check_wbits("bit_widths entry", w)
+        from .calibration.abq_options import ABQOptions
+        ABQOptions.from_dict(dict(self.abq_options))  # refuse bad ABQ options up front
         _check_group(self.group_size)
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is not allowed; use one of {list(METHODS)}")
@@ -156,7 +208,7 @@ class CompileConfig:
                 raise ConfigError(f"override for {pat!r} has unknown keys {bad}; "
                                   f"allowed: {list(OVERRIDE_KEYS)}")
             if "wbits" in ov:
-                _check_bits(f"overrides[{pat!r}].wbits", ov["wbits"], WEIGHT_BITS)
+                _check_wbits(f"overrides[{pat!r}].wbits", ov["wbits"])
             if "abits" in ov:
                 _check_bits(f"overrides[{pat!r}].abits", ov["abits"], ACT_BITS)
             if "group_size" in ov:
@@ -164,6 +216,9 @@ class CompileConfig:
             if "method" in ov and ov["method"] not in METHODS:
                 raise ConfigError(f"overrides[{pat!r}].method={ov['method']!r} is not allowed; "
                                   f"use one of {list(METHODS)}")
+        if "abq" in self.methods() and self.methods() != {"abq"}:
+            raise ConfigError(f"method 'abq' calibrates whole blocks and cannot be mixed with "
+                              f"other methods; got {sorted(self.methods())}")
 
     @classmethod
     def from_options(cls, **options: Any) -> "CompileConfig":
@@ -190,9 +245,7 @@ class CompileConfig:
                 s.update(ov)
         if s["skip"]:
             return None
-        gs = s["group_size"]
-        weight = QuantSpec(bits=s["wbits"], symmetric=s["symmetric"],
-                           granularity="group" if gs else "channel", group_size=gs)
+        weight = weight_spec(s["wbits"], s["symmetric"], s["group_size"])
         act = None
         if s["abits"] != FLOAT_BITS:
             act = QuantSpec(bits=s["abits"], symmetric=s["act_symmetric"],
@@ -204,4 +257,6 @@ class CompileConfig:
         d["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
         d["exclude"] = list(self.exclude)
         d["solver_options"] = dict(self.solver_options)
+        d["abq_options"] = dict(self.abq_options)
+        d["bit_widths"] = list(self.bit_widths)
         return d

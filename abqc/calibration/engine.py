@@ -72,6 +72,41 @@ def _act_quant_hook(spec):
     return hook
 
 
+#: step(index, local_prefix, qblock, inputs, fp_block, fp_inputs): quantize `qblock` (a float
+#: copy of block `index`) in place; `inputs` are its cached inputs from the quantized chain.
+#: With ``fp_chain``, `fp_block` is an untouched float copy and `fp_inputs` the float chain's
+#: inputs; otherwise both are None.
+BlockStep = Callable[[int, str, nn.Module, list[BlockInput], nn.Module | None,
+                      list[BlockInput] | None], None]
+
+
+def run_blocks(model: nn.Module, windows: torch.Tensor, step: BlockStep, batch_size: int = 8,
+               fp_chain: bool = False, desc: str = "calibrate") -> None:
+    """The block-sequential loop: cache block 0's inputs, then per block copy it, let `step`
+    quantize the copy, and feed the quantized block's outputs to the next block.
+
+    ``fp_chain=True`` also carries the float model's block inputs (for losses that compare
+    against the float chain, as ABQ's DLC does). The user's model is never modified.
+    """
+    prefix, blocks = decoder_blocks(model)
+    t0 = time.perf_counter()
+    inputs: list[BlockInput] = capture_block_inputs(model, blocks, windows, batch_size)
+    fp_inputs = [BlockInput(i.hidden, i.args, i.kwargs) for i in inputs] if fp_chain else None
+    log.info("calibration: %d windows x %d tokens, %d blocks, inputs cached in %.1fs",
+             len(windows), windows.shape[1], len(blocks), time.perf_counter() - t0)
+    for b in tqdm(range(len(blocks)), desc=desc, unit="block"):
+        qblock = copy.deepcopy(blocks[b]).float()
+        fp_block = copy.deepcopy(blocks[b]).float().requires_grad_(False) if fp_chain else None
+        step(b, f"{prefix}.{b}.", qblock, inputs, fp_block, fp_inputs)
+        with torch.no_grad():
+            for inp in inputs:
+                inp.hidden = run_block(qblock, inp)
+            for inp in fp_inputs or ():
+                inp.hidden = run_block(fp_block, inp)
+        del qblock, fp_block
+    log.info("calibration done in %.1fs, peak RSS %.0f MB", time.perf_counter() - t0, peak_rss_mb())
+
+
 @torch.no_grad()
 def calibrate_blocks(model: nn.Module, annotations: dict[str, LinearAnnotation],
                      groups: dict[int, list[list[str]]], windows: torch.Tensor, solve: Solver,
@@ -81,15 +116,9 @@ def calibrate_blocks(model: nn.Module, annotations: dict[str, LinearAnnotation],
     `groups` gives, per block index, the module paths to solve together, in order. The
     user's model is not modified: each block is copied, quantized and discarded.
     """
-    prefix, blocks = decoder_blocks(model)
-    t0 = time.perf_counter()
-    inputs: list[BlockInput] = capture_block_inputs(model, blocks, windows, batch_size)
-    log.info("calibration: %d windows x %d tokens, %d blocks, inputs cached in %.1fs",
-             len(windows), windows.shape[1], len(blocks), time.perf_counter() - t0)
     results: dict[str, object] = {}
-    for b in tqdm(range(len(blocks)), desc="calibrate", unit="block"):
-        qblock = copy.deepcopy(blocks[b]).float()
-        local = f"{prefix}.{b}."
+
+    def step(b, local, qblock, inputs, _fp_block, _fp_inputs):
         for group in groups.get(b, []):
             todo = [p for p in group if p in annotations]
             if not todo:
@@ -111,8 +140,6 @@ def calibrate_blocks(model: nn.Module, annotations: dict[str, LinearAnnotation],
                 log.info("%-40s %-16s W%d rel.err %.5f  %.2fs  peak %.0f MB%s", p, ann.method,
                          ann.weight.bits, res.stats["rel_error"], time.perf_counter() - t1,
                          peak_rss_mb(), f"  ({notes})" if notes else "")
-        for inp in inputs:
-            inp.hidden = run_block(qblock, inp)
-        del qblock
-    log.info("calibration done in %.1fs, peak RSS %.0f MB", time.perf_counter() - t0, peak_rss_mb())
+
+    run_blocks(model, windows, step, batch_size)
     return results

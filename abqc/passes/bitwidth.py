@@ -1,0 +1,143 @@
+"""BitWidthAssignment: per-linear weight widths under an average-bits budget.
+
+Sensitivity of linear l at width b is measured on calibration data as its output error
+with RTN weights, ``err_l(b) = tr(E Σ Eᵀ)`` (E = W - Ŵ_b, Σ = mean x xᵀ of its
+inputs): what quantizing that layer alone adds to its output. The pass picks widths from
+`widths` minimising ``Σ_l err_l(b_l)`` subject to ``Σ_l size_l cost(b_l) <= budget Σ_l size_l``
+(size = weight count; cost of "2*" = log2(5) bits of information, though it is stored
+in 3): a greedy descent from the widest setting, each step lowering the linear with the
+smallest error increase per bit saved (the usual multiple-choice knapsack heuristic).
+
+Linears that read the same input (q/k/v; gate/up) quantize that input once, so they
+must share the activation width: groups are the connected components of the
+input <-> linear graph (networkx), and each group takes its widest member's activation
+spec. The choice is written into each linear's annotation (visible in the IR dump) and
+into ``gm.meta["abqc.bit_assignment"]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+
+from ..capture import is_linear, module_path
+from ..config import BIT_BALANCE, weight_spec
+from ..errors import ConfigError
+from ..ir import ANNOT_KEY
+from ..quantizer import dequantize, rtn
+from .base import Pass, PassContext
+from .graph_utils import get_tensor
+
+log = logging.getLogger("abqc")
+ASSIGN_KEY = "abqc.bit_assignment"
+
+
+def width_cost(w) -> float:
+    return math.log2(5) if w == BIT_BALANCE else float(w)
+
+
+class _Grams(Interpreter):
+    """Accumulates Σ = Σ_t x xᵀ of each linear's input (and the token count)."""
+
+    def __init__(self, gm: GraphModule, paths: set[str]):
+        super().__init__(gm)
+        self.paths = paths
+        self.sigma: dict[str, torch.Tensor] = {}
+        self.n: dict[str, int] = {}
+
+    def run_node(self, n):
+        if is_linear(n) and module_path(n) in self.paths:
+            x = self.env[n.args[0]].detach().reshape(-1, self.env[n.args[0]].shape[-1]).float()
+            p = module_path(n)
+            self.sigma[p] = self.sigma.get(p, 0) + x.T @ x
+            self.n[p] = self.n.get(p, 0) + x.shape[0]
+        return super().run_node(n)
+
+
+def shared_input_groups(gm: GraphModule, paths: set[str]) -> list[set[str]]:
+    """Linears (module paths) that read one input node, as networkx connected components."""
+    g = nx.Graph()
+    for n in gm.graph.nodes:
+        if is_linear(n) and module_path(n) in paths:
+            g.add_edge(("linear", module_path(n)), ("input", n.args[0].name))
+    return [{p for kind, p in comp if kind == "linear"} for comp in nx.connected_components(g)]
+
+
+def greedy_assign(errors: dict[str, dict], sizes: dict[str, int], budget: float) -> dict[str, object]:
+    """Widths minimising the summed error with size-weighted average cost <= budget."""
+    order = {p: sorted(e, key=width_cost, reverse=True) for p, e in errors.items()}
+    pick = {p: 0 for p in errors}  # index into order[p]: start at the widest
+    total = sum(sizes.values())
+    used = sum(sizes[p] * width_cost(order[p][0]) for p in errors)
+    while used > budget * total + 1e-9:
+        best, best_ratio = None, math.inf
+        for p, i in pick.items():
+            if i + 1 >= len(order[p]):
+                continue
+            hi, lo = order[p][i], order[p][i + 1]
+            saved = sizes[p] * (width_cost(hi) - width_cost(lo))
+            ratio = (errors[p][lo] - errors[p][hi]) / saved
+            if ratio < best_ratio:
+                best, best_ratio = p, ratio
+        if best is None:
+            raise ConfigError(f"bit budget {budget} is below the narrowest allowed widths "
+                              f"({min((width_cost(w) for w in next(iter(order.values()))))} bits)")
+        i = pick[best]
+        used -= sizes[best] * (width_cost(order[best][i]) - width_cost(order[best][i + 1]))
+        pick[best] = i + 1
+    return {p: order[p][i] for p, i in pick.items()}
+
+
+class BitWidthAssignment(Pass):
+    """Choose each linear's weight width under an average budget; share act widths per input."""
+
+    def __init__(self, budget: float, widths=(BIT_BALANCE, 3, 4, 6, 8), batch_size: int = 4):
+        if not widths:
+            raise ConfigError("BitWidthAssignment needs at least one allowed width")
+        self.budget, self.widths, self.batch_size = float(budget), tuple(widths), batch_size
+
+    def transform(self, gm: GraphModule) -> GraphModule:
+        from .calibrate import calibration_windows
+
+        lins: dict[str, Node] = {module_path(n): n for n in gm.graph.nodes
+                                 if is_linear(n) and n.meta.get(ANNOT_KEY) is not None}
+        if not lins:
+            raise ConfigError("BitWidthAssignment needs annotated linears: run AnnotateQuant first")
+        windows = calibration_windows(PassContext.current())
+        grams = _Grams(gm, set(lins))
+        with torch.no_grad():
+            for i in range(0, len(windows), self.batch_size):
+                grams.run(windows[i:i + self.batch_size])
+        errors, sizes = {}, {}
+        for p, n in lins.items():
+            ann = n.meta[ANNOT_KEY]
+            w = get_tensor(gm, n.args[1].target).detach().float()
+            sigma = grams.sigma[p] / grams.n[p]
+            errors[p] = {}
+            for b in self.widths:
+                codes, s, z = rtn(w, weight_spec(b, ann.weight.symmetric, ann.weight.group_size))
+                e = w - dequantize(codes, s, z)
+                errors[p][b] = float(torch.einsum("ij,jk,ik->", e, sigma, e))
+            sizes[p] = w.numel()
+        choice = greedy_assign(errors, sizes, self.budget)
+        for p, n in lins.items():
+            ann = n.meta[ANNOT_KEY]
+            n.meta[ANNOT_KEY] = dataclasses.replace(
+                ann, weight=weight_spec(choice[p], ann.weight.symmetric, ann.weight.group_size))
+        for group in shared_input_groups(gm, set(lins)):
+            acts = [lins[p].meta[ANNOT_KEY].act for p in group]
+            widest = None if any(a is None for a in acts) else max(acts, key=lambda a: a.bits)
+            for p in group:
+                lins[p].meta[ANNOT_KEY] = dataclasses.replace(lins[p].meta[ANNOT_KEY], act=widest)
+        avg = sum(sizes[p] * width_cost(choice[p]) for p in choice) / sum(sizes.values())
+        gm.meta[ASSIGN_KEY] = {"budget": self.budget, "average_bits": avg,
+                               "widths": {p: choice[p] for p in lins},
+                               "error": sum(errors[p][choice[p]] for p in choice)}
+        counts = {b: sum(v == b for v in choice.values()) for b in self.widths}
+        log.info("bit widths: average %.3f bits (budget %.2f): %s", avg, self.budget,
+                 ", ".join(f"W{b} x{c}" for b, c in counts.items() if c))
+        return gm
