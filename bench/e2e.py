@@ -1,6 +1,6 @@
 """End to end on SmolLM2-135M: the compiled model on its kernels against the fp32 model.
 
-    python bench/e2e.py                                  # FP32, W4A8, W4A4, W2A8, W4A16
+    python bench/e2e.py                                  # FP32, W4A8, W4A4, W2*A8, W4A16
     python bench/e2e.py --configs W4A8 --ppl-windows 32  # + WikiText-2 ppl, kernels vs fake quant
 
 Per configuration, in its own process (so resident memory is its own): prefill time for
@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from abqc.atomic import write_json  # noqa: E402
 from machine import machine_info  # noqa: E402
 
-CONFIGS = {"FP32": None, "W4A8": (4, 8), "W4A4": (4, 4), "W2A8": (2, 8), "W4A16": (4, 16),
-           "W8A8": (8, 8)}
+CONFIGS = {"FP32": None, "W4A8": (4, 8), "W4A4": (4, 4), "W2*A8": ("2*", 8), "W2A8": (2, 8),
+           "W4A16": (4, 16), "W8A8": (8, 8)}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -150,7 +150,7 @@ def _layers(cm) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--configs", default="FP32,W4A8,W4A4,W2A8,W4A16")
+    ap.add_argument("--configs", default="FP32,W4A8,W4A4,W2*A8,W4A16")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--ppl-windows", type=int, default=0)
