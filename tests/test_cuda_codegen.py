@@ -233,3 +233,32 @@ def test_tvm_tensorize_canary():
     script = Path(__file__).parent / "data" / "tvm_tensorize_canary.py"
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-500:]
+
+
+@pytest.mark.parametrize("decode_m", [0, 3])
+@pytest.mark.parametrize("epilogue", [True, False])
+def test_kernel_parameters_are_named_for_the_launcher(decode_m, epilogue):
+    """The driver-API launcher binds tensors by parameter name: every parameter of the
+    generated kernel is one of the PrimFunc's arguments (no host-CSE'd scalars)."""
+    from abqc.codegen.cuda.launch import parse_signature
+
+    p = S.CudaProblem(300, 700, 3, 5, decode_m=decode_m)
+    src = cuda_source(p, S.default(p), "sm_80", epilogue=epilogue)
+    sig = parse_signature(src, "main_kernel" if epilogue else "acc_kernel")
+    names = [n for n, _ in sig.params]
+    tensors = ["X", "W", "sx", "zx", "sumx", "sw", "zw", "sumw", "kg", "y"] if epilogue else ["X", "W", "acc"]
+    expected = {t + "_ptr" for t in tensors} | (set() if decode_m else {"mrows"})
+    assert set(names) == expected and len(names) == len(expected)
+    assert sig.threads == S.default(p).threads
+    assert dict(sig.params).get("mrows", "int") == "int" and dict(sig.params)["X_ptr"] == "int*"
+
+
+def test_parse_signature_rejects_sources_without_the_kernel():
+    from abqc.codegen.cuda.launch import parse_signature
+
+    with pytest.raises(ValueError, match="no extern"):
+        parse_signature("int main() { return 0; }")
+    src = 'extern "C" __global__ void __launch_bounds__(64) a_kernel(int* __restrict__ X_ptr, int n);'
+    with pytest.raises(ValueError, match="'b_kernel' not in the source"):
+        parse_signature(src, "b_kernel")
+    assert parse_signature(src).params == (("X_ptr", "int*"), ("n", "int"))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import tvm
 
+from .launch import nvcc_path  # noqa: F401  (re-exported: tests import it from here)
 from .space import ARCH_LIMITS, CudaProblem, CudaSchedule
 from .template import build_func
 
@@ -31,22 +32,18 @@ def cuda_target(arch: str = "sm_80") -> tvm.target.Target:
 
 
 def build(p: CudaProblem, s: CudaSchedule, arch: str = "sm_80", functions=("main",)):
-    """A TVM Executable for the GPU (the CUDA source is compiled by NVRTC when loaded)."""
+    """A TVM Executable for the GPU; only its CUDA source is used (`cuda_source`), since the
+    PyPI TVM has no CUDA runtime: `launch` compiles and runs it."""
     funcs = {name: build_func(p, s, epilogue=name == "main") for name in functions}
-    return tvm.compile(tvm.IRModule(funcs), target=cuda_target(arch))
+    # no host-side CSE: the kernel's scalar parameters stay the PrimFunc's own (``mrows``),
+    # which `launch` binds by name
+    with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+        return tvm.compile(tvm.IRModule(funcs), target=cuda_target(arch))
 
 
 def cuda_source(p: CudaProblem, s: CudaSchedule, arch: str = "sm_80", epilogue: bool = True) -> str:
     ex = build(p, s, arch, functions=("main" if epilogue else "acc",))
     return ex.mod.imports[0].inspect_source()
-
-
-def nvcc_path() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    default = "/usr/local/cuda/bin/nvcc"
-    return default if os.access(default, os.X_OK) else None
 
 
 _HELPER = re.compile(r"^__forceinline__ __device__ .*?^}\n", re.S | re.M)

@@ -9,30 +9,19 @@ counts 1..8 use the decode kernel compiled for exactly that M; more tokens the G
 """
 from __future__ import annotations
 
-import datetime
 import functools
-import json
 import time
-from dataclasses import dataclass
 
 import torch
 import tvm
 
 from ..compute import KernelShape
-from ..kernel import quantize_activations
 from ..tuning import TuningLog, m_bucket
-from .space import DECODE_MAX_M, CudaProblem, CudaSchedule, candidates, default, kw_words, n_padded
+from .compile import cuda_source
+from .kernel import (FORMULATION, CudaKernel, CudaWeight, activation_words, device_arch,  # noqa: F401
+                     measure_schedules, pack_words, quantize_activations, time_cuda, tuning_record)
+from .space import DECODE_MAX_M, CudaProblem, CudaSchedule, candidates, default
 
-FORMULATION = "b1mma"
-
-
-def device_arch(device) -> str:
-    """``sm_XY`` of a CUDA device (raises ValueError for anything else)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(f"device={device} is not a CUDA device")
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
 
 
 def problem_for(shape: KernelShape, m: int, out_dtype: str = "float32") -> CudaProblem:
@@ -51,103 +40,22 @@ def cuda_tuning_key(shape: KernelShape, m: int, arch: str) -> str:
             f"|a{shape.abits}|g{shape.group_size}")
 
 
-def pack_words(codes: torch.Tensor, bits: int, rows: int, kw: int) -> torch.Tensor:
-    """Codes [R, K] -> int32 bit-plane words [bits, rows, kw] on the codes' device, zero-padded
-    (rows >= R, kw*32 >= K). Same bit order as `packing.pack_bitplanes` viewed as int32."""
-    r, k = codes.shape
-    dev = codes.device
-    c = torch.zeros(rows, kw * 32, dtype=torch.uint8, device=dev)
-    c[:r, :k] = codes.to(torch.uint8)
-    planes = (c.unsqueeze(0) >> torch.arange(bits, dtype=torch.uint8, device=dev).view(-1, 1, 1)) & 1
-    weights = (1 << torch.arange(8, dtype=torch.int32, device=dev))
-    by = (planes.view(bits, rows, kw * 4, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
-    return by.contiguous().view(torch.int32).view(bits, rows, kw)
+def kernel_sources(problem: CudaProblem, sched: CudaSchedule, arch: str,
+                   functions=("main",)) -> dict[str, str]:
+    """CUDA source of each of `functions` ("main": with the epilogue, "acc": raw int32)."""
+    return {name: cuda_source(problem, sched, arch, epilogue=name == "main") for name in functions}
 
 
-@dataclass
-class CudaWeight:
-    problem_n: int
-    words: torch.Tensor  # int32 [wbits, Np, KW]
-    scale: torch.Tensor  # float32 [Np]
-    zero: torch.Tensor  # float32 [Np]
-    sumw: torch.Tensor  # int32 [Np]
-    kg: torch.Tensor  # float32 [1]
-
-
-class CudaKernel:
-    """A compiled b1-MMA kernel for one (shape, M, schedule, arch)."""
-
-    def __init__(self, shape: KernelShape, m: int, sched: CudaSchedule, arch: str,
-                 out_dtype: str = "float32", functions=("main",)):
-        from .compile import build
-
-        self.shape, self.m, self.sched, self.arch = shape, m, sched, arch
-        self.problem = problem_for(shape, m, out_dtype)
-        self.ex = build(self.problem, sched, arch, functions)
-        self.kw, self.np_ = kw_words(self.problem, sched), n_padded(self.problem, sched)
-
-    def pack_weight(self, codes, scale, zero) -> CudaWeight:
-        s, dev = self.shape, codes.device
-        if codes.shape != (s.n, s.k):
-            raise ValueError(f"codes {tuple(codes.shape)} do not match N={s.n}, K={s.k}")
-        pad = self.np_ - s.n
-
-        def vec(t, dtype):
-            t = t.reshape(-1).to(device=dev, dtype=dtype)
-            return torch.nn.functional.pad(t, (0, pad)).contiguous()
-        return CudaWeight(s.n, pack_words(codes, s.wbits, self.np_, self.kw), vec(scale, torch.float32),
-                          vec(zero, torch.float32), vec(codes.to(torch.int32).sum(1), torch.int32),
-                          torch.tensor([float(s.k)], device=dev))
-
-    def activation_words(self, xq: torch.Tensor) -> torch.Tensor:
-        return activation_words(self.problem, self.sched, xq)
-
-    def _rows(self, m: int) -> int:
-        return m if self.problem.decode_m else -(-m // self.sched.bm) * self.sched.bm
-
-    def accumulate(self, xq: torch.Tensor, w: CudaWeight) -> torch.Tensor:
-        """Raw int32 Σ_k xq wq [M, N] (built with functions=("acc",))."""
-        m = xq.shape[0]
-        acc = torch.empty(self._rows(m), self.np_, dtype=torch.int32, device=xq.device)
-        self.ex["acc"](*_dl(self.activation_words(xq), w.words, acc))
-        return acc[:m, :w.problem_n]
-
-    def __call__(self, x: torch.Tensor, w: CudaWeight, act_symmetric: bool = False) -> torch.Tensor:
-        x = x.reshape(-1, self.shape.k)
-        m = x.shape[0]
-        xq, sx, zx = quantize_activations(x, self.shape.abits, act_symmetric)
-        rows = self._rows(m)
-
-        def pad(t, dtype):
-            return torch.nn.functional.pad(t.reshape(-1).to(dtype), (0, rows - m)).contiguous()
-        y = torch.empty(rows, self.np_, dtype=getattr(torch, self.problem.out_dtype), device=x.device)
-        self.ex["main"](*_dl(self.activation_words(xq), w.words, pad(sx, torch.float32),
-                             pad(zx, torch.float32), pad(xq.to(torch.int32).sum(1), torch.int32),
-                             w.scale, w.zero, w.sumw, w.kg, y))
-        return y[:m, :w.problem_n]
-
-
-def activation_words(p: CudaProblem, s: CudaSchedule, xq: torch.Tensor) -> torch.Tensor:
-    """Activation codes [M, K] -> the kernel's X argument (GEMM: [abits, M padded to bm, KW];
-    decode: [1, rows, KW] with row i*M+m = plane i of token m, zero rows up to whole 8s)."""
-    m, kw = xq.shape[0], kw_words(p, s)
-    if p.decode_m:
-        if m != p.decode_m:
-            raise ValueError(f"decode kernel for M={p.decode_m} called with M={m}")
-        planes = pack_words(xq, p.abits, m, kw).reshape(p.abits * m, kw)
-        out = torch.zeros(1, p.decode_rows, kw, dtype=torch.int32, device=xq.device)
-        out[0, :p.abits * m] = planes
-        return out
-    return pack_words(xq, p.abits, -(-m // s.bm) * s.bm, kw)
-
-
-def _dl(*tensors):
-    return [tvm.runtime.from_dlpack(t.contiguous()) for t in tensors]
+def build_kernel(shape: KernelShape, m: int, sched: CudaSchedule, arch: str, out_dtype: str = "float32",
+                 functions=("main",), device=None) -> CudaKernel:
+    """TVM writes the source, nvcc compiles it, the driver API launches it (`launch`)."""
+    problem = problem_for(shape, m, out_dtype)
+    return CudaKernel(problem, sched, arch, kernel_sources(problem, sched, arch, functions), device)
 
 
 @functools.lru_cache(maxsize=256)
 def _cached(shape, m, sched, arch, out_dtype):
-    return CudaKernel(shape, m, sched, arch, out_dtype)
+    return build_kernel(shape, m, sched, arch, out_dtype)
 
 
 def kernel_for(shape: KernelShape, m: int, device="cpu", tuning_log: TuningLog | None = None,
@@ -179,42 +87,14 @@ def tune(shape: KernelShape, m: int, device="cuda", tuning_log: TuningLog | None
         return known
     problem = problem_for(shape, m, out_dtype)
     mb = m if m <= DECODE_MAX_M else m_bucket(m)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    codes = torch.randint(0, 1 << shape.wbits, (shape.n, shape.k), generator=g).to(device)
-    x = torch.randn(mb, shape.k, generator=g).to(device)
-    tried, t0 = [], time.perf_counter()
-    for sched in candidates(problem, arch, limit, mb):
-        kern = CudaKernel(shape, mb, sched, arch, out_dtype)
-        w = kern.pack_weight(codes, torch.ones(shape.n), torch.zeros(shape.n))
-        ms = time_cuda(lambda: kern(x, w))
-        tried.append({"formulation": FORMULATION, "params": sched.as_dict(), "ms": round(ms, 5)})
-    best = min(tried, key=lambda r: r["ms"])
-    record = {"key": key, "formulation": FORMULATION, "params": best["params"], "ms": best["ms"],
-              "m": mb, "shape": {"n": shape.n, "k": shape.k, "wbits": shape.wbits,
-                                 "abits": shape.abits, "group_size": shape.group_size},
-              "candidates": tried, "tuning_seconds": round(time.perf_counter() - t0, 2),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "tvm": tvm.__version__, "target": json.dumps({"kind": "cuda", "arch": arch}),
-              "gpu": torch.cuda.get_device_name(torch.device(device))}
+    t0 = time.perf_counter()
+    tried = measure_schedules(lambda p, s: build_kernel(shape, mb, s, arch, out_dtype, device=device),
+                              problem, candidates(problem, arch, limit, mb), mb, torch.device(device))
+    record = tuning_record(key, shape, mb, tried, time.perf_counter() - t0, arch,
+                           torch.cuda.get_device_name(torch.device(device)), tvm.__version__)
     tuning_log.add(record)
     return record
 
 
-def time_cuda(fn, warmup: int = 3, repeat: int = 20) -> float:
-    """Median milliseconds of `fn` on the current CUDA stream."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
-
-__all__ = ["CudaKernel", "CudaWeight", "cuda_tuning_key", "device_arch", "kernel_for",
-           "pack_words", "tune", "time_cuda"]
+__all__ = ["CudaKernel", "CudaWeight", "activation_words", "build_kernel", "cuda_tuning_key",
+           "device_arch", "kernel_for", "kernel_sources", "pack_words", "problem_for", "tune", "time_cuda"]

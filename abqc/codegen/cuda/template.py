@@ -37,6 +37,22 @@ from .space import (MMA_KW, MMA_M, MMA_N, CudaProblem, CudaSchedule, check, kw_w
 WARP = 32
 
 
+def _ptr_var(name: str, dtype: str = "int32"):
+    """A named data pointer, so the CUDA kernel's parameter is ``<name>_ptr`` (launch.py
+    binds arguments by these names)."""
+    return tirx.Var(name, tvm.ir.PointerType(tvm.ir.PrimType(dtype)))
+
+
+def _unravel(buf, flat):
+    """Indices of row-major element `flat` in `buf` (argument buffers keep their shape, so
+    their kernel parameters keep their names)."""
+    idx = []
+    for extent in reversed(buf.shape[1:]):
+        idx.append(tirx.floormod(flat, extent))
+        flat = tirx.floordiv(flat, extent)
+    return [flat, *reversed(idx)]
+
+
 def _f64(e):
     return tirx.Cast("float64", e)
 
@@ -86,7 +102,7 @@ class _Emitter:
                 dst.access_ptr("w", offset=dst_off), src.access_ptr("r", offset=src_off), 16))
         else:
             for q in range(MMA_KW):
-                T.buffer_store(dst, src[src_off + q], [dst_off + q])
+                T.buffer_store(dst, src[_unravel(src, src_off + q)], [dst_off + q])
 
     def commit(self):
         if not self.emulate:
@@ -127,22 +143,20 @@ def build_func(p: CudaProblem, s: CudaSchedule, epilogue: bool = True, emulate: 
             mrows = tirx.Var("mrows", "int32")
             x_rows = rows if decode else mrows
             y_rows = p.decode_m if decode else mrows
-            X = T.arg("X", T.buffer((planes, x_rows, kw), "int32"))
-            W = T.arg("W", T.buffer((p.wbits, np_, kw), "int32"))
+            X = T.arg("X", T.buffer((planes, x_rows, kw), "int32", data=_ptr_var("X"), buffer_name="X"))
+            W = T.arg("W", T.buffer((p.wbits, np_, kw), "int32", data=_ptr_var("W"), buffer_name="W"))
             if epilogue:
-                sx = T.arg("sx", T.buffer((y_rows,), "float32"))
-                zx = T.arg("zx", T.buffer((y_rows,), "float32"))
-                sumx = T.arg("sumx", T.buffer((y_rows,), "int32"))
-                sw = T.arg("sw", T.buffer((np_,), "float32"))
-                zw = T.arg("zw", T.buffer((np_,), "float32"))
-                sumw = T.arg("sumw", T.buffer((np_,), "int32"))
-                kg = T.arg("kg", T.buffer((1,), "float32"))
-                Y = T.arg("y", T.buffer((y_rows, np_), p.out_dtype))
+                sx = T.arg("sx", T.buffer((y_rows,), "float32", buffer_name="sx"))
+                zx = T.arg("zx", T.buffer((y_rows,), "float32", buffer_name="zx"))
+                sumx = T.arg("sumx", T.buffer((y_rows,), "int32", buffer_name="sumx"))
+                sw = T.arg("sw", T.buffer((np_,), "float32", buffer_name="sw"))
+                zw = T.arg("zw", T.buffer((np_,), "float32", buffer_name="zw"))
+                sumw = T.arg("sumw", T.buffer((np_,), "int32", buffer_name="sumw"))
+                kg = T.arg("kg", T.buffer((1,), "float32", buffer_name="kg"))
+                Y = T.arg("y", T.buffer((y_rows, np_), p.out_dtype, buffer_name="y"))
             else:
-                Y = T.arg("acc", T.buffer((y_rows, np_), "int32"))
+                Y = T.arg("acc", T.buffer((y_rows, np_), "int32", buffer_name="acc"))
             T.func_attr({"tirx.noalias": True})
-            Xf = T.decl_buffer((planes * x_rows * kw,), "int32", data=X.data)
-            Wf = T.decl_buffer((p.wbits * np_ * kw,), "int32", data=W.data)
 
             with contextlib.ExitStack() as stack:
                 m_blocks = 1 if decode else tirx.floordiv(mrows, s.bm)
@@ -168,8 +182,8 @@ def build_func(p: CudaProblem, s: CudaSchedule, epilogue: bool = True, emulate: 
                 def load_stage(t, slot, ko):
                     """Global -> shared for K stage `ko` into buffer `slot` (16-byte chunks)."""
                     for buf, gbuf, count, per_plane, plane_rows, stage_len, base_row in (
-                            (Xs, Xf, planes * rows * bk // 4, rows, x_rows, x_stage, row0),
-                            (Ws, Wf, p.wbits * bn * bk // 4, bn, np_, w_stage, bx * bn)):
+                            (Xs, X, planes * rows * bk // 4, rows, x_rows, x_stage, row0),
+                            (Ws, W, p.wbits * bn * bk // 4, bn, np_, w_stage, bx * bn)):
                         chunks_per_row = bk // 4
                         for it in range(-(-count // nthreads)):
                             idx = it * nthreads + t
