@@ -8,11 +8,13 @@
    kernels (M = 1, 5, 8) and the GEMM kernel (M = 37), awkward N and K; the float output
    against the float64 dequantized product;
 2. tuning: every candidate schedule of the search space for the shapes x token counts x
-   bits asked, timed with CUDA events; the best goes to a tuning log
+   bits asked, timed by CUDA-graph replay (GPU time alone); the best goes to a tuning log
    (``bench/results/cuda_tuning_<gpu>.jsonl``, keys ``cuda-smXY|m..|n..|k..|w..|a..|g0``, the
    runtime's format: ``abqc tune --show --log FILE`` prints it);
-3. timings of the tuned kernel (kernel alone, and with activation quantization + packing)
-   against torch fp16 ``x @ w.T`` and ``torch._int_mm`` (int8), in the same process.
+3. timings of the tuned kernel (GPU time by graph replay; launched from Python; and with the
+   torch-side activation quantization + packing) against torch fp16 ``x @ w.T`` and
+   ``torch._int_mm`` (int8) timed the same way, in the same process; "hot" with one weight
+   copy (L2-resident on a 50 MB L2), "cold" cycling through copies that exceed the L2.
 
 Where TVM is not installed (the PyPI TVM is >64 MiB and has no CUDA runtime anyway), the
 ``prepare`` step writes every kernel's CUDA source on a machine that has it; the GPU run
@@ -22,6 +24,7 @@ path `abqc.codegen.cuda.runtime` takes. Refuses to run without CUDA.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import itertools
 import json
@@ -189,6 +192,11 @@ def _dequant_reference(x, wq, sw, zw, abits) -> torch.Tensor:
     return xd @ wd.T
 
 
+def _copies(t: torch.Tensor, l2: int) -> int:
+    """How many copies of `t` together hold twice the L2 (at least 2)."""
+    return max(2, -(-2 * l2 // (t.numel() * t.element_size())))
+
+
 def exactness(src, pl, device) -> list[dict]:
     from abqc.quantizer import compute_qparams, quantize
 
@@ -209,7 +217,8 @@ def exactness(src, pl, device) -> list[dict]:
             sw, zw = compute_qparams(wf, (1 << p.wbits) - 1, False)
             codes = quantize(wf, sw, zw, (1 << p.wbits) - 1).to(torch.uint8)
             y = kern(x.to(device), kern.pack_weight(codes.to(device), sw, zw)).cpu().double()
-            ref = _dequant_reference(x, codes, sw, zw, p.abits)
+            ref = _dequant_reference(x.to(device), codes.to(device), sw.to(device), zw.to(device),
+                                     p.abits).cpu()  # same activation codes as the kernel's
             row["float_rel_err"] = float((y - ref).abs().max() / ref.abs().max())
     for r in rows.values():
         print(f"w{r['wbits']}a{r['abits']}: integer {'exact' if r['int_exact'] else 'MISMATCH'} "
@@ -222,6 +231,7 @@ def timings(src, pl, device, log_path, gpu) -> list[dict]:
     from abqc.codegen.tuning_log import TuningLog
 
     tlog, rows = TuningLog(log_path), []
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
     g = torch.Generator().manual_seed(1)
     for p, scheds, m in pl["tuning"]:
         key = src.tuning_key(p, m)
@@ -239,7 +249,8 @@ def timings(src, pl, device, log_path, gpu) -> list[dict]:
         acts = kern.prepare(x)
         y = torch.empty(kern.rows(m), kern.np_, dtype=torch.float32, device=device)
         t_kernel = time_cuda(lambda: kern.run(acts, w, y), repeat=50)
-        t_e2e = time_cuda(lambda: kern(x, w), repeat=50)
+        t_e2e = time_cuda(lambda: kern(x, w), repeat=50, graph=False)  # host-side packing: not graphable
+        t_launch = time_cuda(lambda: kern.run(acts, w, y), repeat=50, graph=False)
         xh, wh = x.half(), torch.randn(p.n, p.k, device=device, dtype=torch.float16)
         t_fp16 = time_cuda(lambda: xh @ wh.T, repeat=50)
         mi = max(m, 17)  # torch._int_mm needs more than 16 rows
@@ -249,15 +260,35 @@ def timings(src, pl, device, log_path, gpu) -> list[dict]:
             t_int8 = time_cuda(lambda: torch._int_mm(xi, wi), repeat=50)
         except RuntimeError:  # shape constraints (K, N multiples of 8)
             t_int8 = None
+        # cold: each call reads another copy of the weights, the copies together 2x the L2,
+        # so weights stream from HBM as in a model's decode step (hot: one copy, L2-resident)
+        ws = [dataclasses.replace(w, words=w.words.clone()) for _ in range(_copies(w.words, l2))]
+        cold = {"kernel": time_cuda([lambda w=w_: kern.run(acts, w, y) for w_ in ws])}
+        del ws
+        whs = [wh.clone() for _ in range(_copies(wh, l2))]
+        cold["fp16"] = time_cuda([lambda w=w_: xh @ w.T for w_ in whs])
+        del whs
+        if t_int8 is not None:
+            wis = [wi.clone() for _ in range(_copies(wi, l2))]
+            cold["int8"] = time_cuda([lambda w=w_: torch._int_mm(xi, w) for w_ in wis])
+            del wis
         row = {"n": p.n, "k": p.k, "m": m, "wbits": p.wbits, "abits": p.abits, "schedule": rec["params"],
-               "candidates": len(scheds), "kernel_ms": t_kernel, "with_quant_pack_ms": t_e2e,
+               "candidates": len(scheds), "kernel_ms": t_kernel, "kernel_with_launch_ms": t_launch, "with_quant_pack_ms": t_e2e,
                "torch_fp16_ms": t_fp16, "torch_int_mm_ms": t_int8, "int_mm_rows": mi,
                "speedup_vs_fp16": t_fp16 / t_kernel,
-               "speedup_vs_int8": (t_int8 / t_kernel) if t_int8 else None}
+               "speedup_vs_int8": (t_int8 / t_kernel) if t_int8 else None,
+               "cold_kernel_ms": cold["kernel"], "cold_torch_fp16_ms": cold["fp16"],
+               "cold_torch_int_mm_ms": cold.get("int8"),
+               "cold_speedup_vs_fp16": cold["fp16"] / cold["kernel"],
+               "cold_speedup_vs_int8": cold["int8"] / cold["kernel"] if "int8" in cold else None}
         rows.append(row)
-        print(f"{p.n}x{p.k} M={m} w{p.wbits}a{p.abits}: {t_kernel:.4f} ms (with quant+pack {t_e2e:.4f}); "
+        print(f"{p.n}x{p.k} M={m} w{p.wbits}a{p.abits}: {t_kernel:.4f} ms (launched from Python {t_launch:.4f}, "
+              f"with quant+pack {t_e2e:.4f}); "
               f"fp16 {t_fp16:.4f} ({row['speedup_vs_fp16']:.2f}x); int8 "
-              f"{'n/a' if t_int8 is None else f'{t_int8:.4f} ({t_int8 / t_kernel:.2f}x)'}", flush=True)
+              f"{'n/a' if t_int8 is None else f'{t_int8:.4f} ({t_int8 / t_kernel:.2f}x)'} | cold: "
+              f"{cold['kernel']:.4f} vs fp16 {cold['fp16']:.4f} ({row['cold_speedup_vs_fp16']:.2f}x), "
+              f"int8 {cold.get('int8', float('nan')):.4f} ({row['cold_speedup_vs_int8'] or float('nan'):.2f}x)",
+              flush=True)
     return rows
 
 

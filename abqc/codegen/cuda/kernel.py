@@ -156,16 +156,44 @@ class CudaKernel:
         return self.run(self.prepare(x, act_symmetric), w)
 
 
-def time_cuda(fn, warmup: int = 3, repeat: int = 20) -> float:
-    """Median milliseconds of `fn` on the current CUDA stream (CUDA events)."""
-    for _ in range(warmup):
-        fn()
+def time_cuda(fn, warmup: int = 3, repeat: int = 20, graph: bool = True) -> float:
+    """Median milliseconds of one `fn` on the GPU (a list of callables: called in turn, e.g.
+    over copies of the weights that together exceed L2, for cold-cache times). With `graph`, `repeat` calls are captured
+    in a CUDA graph and replayed, so the time is the GPU's alone (no Python/launch overhead,
+    which is tens of microseconds and would swamp a GEMV); else CUDA events around each call."""
+    fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
+    repeat = max(repeat, len(fns))
+
+    def call(i):
+        fns[i % len(fns)]()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(max(warmup, len(fns))):
+            call(i)
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(repeat):
+                call(i)
+        g.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / repeat)
+        return sorted(times)[len(times) // 2]
     times = []
-    for _ in range(repeat):
+    for i in range(repeat):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        call(i)
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
