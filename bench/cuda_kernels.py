@@ -16,7 +16,7 @@
    ``torch._int_mm`` (int8) timed the same way, in the same process; "hot" with one weight
    copy (L2-resident on a 50 MB L2), "cold" cycling through copies that exceed the L2.
 
-Where TVM is not installed (the PyPI TVM is >64 MiB and has no CUDA runtime anyway), the
+Where TVM is not installed (the device machines here: its 100 MB wheel cannot travel), the
 ``prepare`` step writes every kernel's CUDA source on a machine that has it; the GPU run
 compiles the bundle with nvcc (in parallel) and launches through the driver API, the same
 path `abqc.codegen.cuda.runtime` takes. Refuses to run without CUDA.

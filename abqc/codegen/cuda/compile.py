@@ -32,8 +32,8 @@ def cuda_target(arch: str = "sm_80") -> tvm.target.Target:
 
 
 def build(p: CudaProblem, s: CudaSchedule, arch: str = "sm_80", functions=("main",)):
-    """A TVM Executable for the GPU; only its CUDA source is used (`cuda_source`), since the
-    PyPI TVM has no CUDA runtime: `launch` compiles and runs it."""
+    """A TVM Executable for the GPU; the runtime uses only its CUDA source (`cuda_source`),
+    which `launch` compiles with nvcc and runs on torch's stream."""
     funcs = {name: build_func(p, s, epilogue=name == "main") for name in functions}
     # no host-side CSE: the kernel's scalar parameters stay the PrimFunc's own (``mrows``),
     # which `launch` binds by name

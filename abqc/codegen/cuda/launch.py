@@ -1,12 +1,13 @@
 """Compile generated CUDA source with nvcc and launch it through the CUDA driver API.
 
-Why not TVM's own runtime: the ``apache-tvm`` wheel on PyPI is built without CUDA
-(``tvm.runtime.enabled("cuda")`` is False), so a TVM-compiled CUDA module cannot run with
-it. TVM still writes the kernel (`template`, `compile.cuda_source`); this file turns that
-source into a cubin (``nvcc -cubin``, cached by the source's hash under
-``$ABQC_CACHE/cuda``) and launches it with ``cuLaunchKernel`` on torch's current stream,
-binding torch tensors to the kernel's parameters by name (``X_ptr``, ``sx_ptr``, ...).
-Nothing here imports TVM, so a machine with only torch, nvcc and a driver can run kernels
+Why not TVM's own CUDA runtime: the PyPI wheel's ``libtvm_runtime_cuda.so`` links the
+system's ``libcudart.so.13`` (a torch install brings its own CUDA runtime, not that one),
+compiles the source with NVRTC in every new process, and launches on its own stream, which
+would need synchronising with torch's. TVM still writes the kernel (`template`,
+`compile.cuda_source`); this file turns that source into a cubin (``nvcc -cubin``, cached
+by the source's hash under ``$ABQC_CACHE/cuda``) and launches it with ``cuLaunchKernel`` on
+torch's current stream (so CUDA graphs capture it too), binding torch tensors to the
+kernel's parameters by name (``X_ptr``, ``sx_ptr``, ...). Nothing here imports TVM, so a machine with only torch, nvcc and a driver can run kernels
 whose source was generated elsewhere.
 """
 from __future__ import annotations
