@@ -61,6 +61,14 @@ def pack_nibbles(codes: torch.Tensor, bits: int, group_size: int = 0) -> torch.T
     return (planes * weights).sum(-1, dtype=torch.uint8).contiguous()
 
 
+def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: uint8 [bits, R, KP/4] -> codes int32 [R, k]."""
+    bits, r, kk = packed.shape
+    t = torch.arange(TABLE_GROUP, dtype=torch.uint8, device=packed.device).view(1, 1, 1, TABLE_GROUP)
+    b = ((packed.unsqueeze(-1) >> t) & 1).view(bits, r, kk * TABLE_GROUP)[..., :k].to(torch.int32)
+    return (b << torch.arange(bits, dtype=torch.int32, device=packed.device).view(bits, 1, 1)).sum(0)
+
+
 def subset_matrix(dtype=torch.float32) -> torch.Tensor:
     """S [4, 16]: S[t, idx] = bit t of idx, so ``x_group @ S`` is every subset sum."""
     idx = torch.arange(1 << TABLE_GROUP)

@@ -53,6 +53,15 @@ def pack_codes(codes: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
     return packed.to(torch.int32).T.contiguous()
 
 
+def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: int32 [words, N] -> codes uint8 [N, k]."""
+    c = codes_per_word(bits)
+    w = packed.T.to(torch.int64) & 0xFFFFFFFF  # [N, words], unsigned
+    shifts = (torch.arange(c, dtype=torch.int64, device=packed.device) * bits).view(1, 1, c)
+    codes = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(w.shape[0], -1)[:, :k].to(torch.uint8)
+
+
 def unpack(shape: KernelShape, with_epilogue: bool = True, m_tile: int = 1):
     """acc[m, n, g] = Σ_k x[m, k] q[n, k] (q decoded from packed codes), then the
     weight-only epilogue. M = mt * m_tile (callers pad rows; no bounds checks inside)."""

@@ -17,7 +17,7 @@ from ..codegen import packing as P
 from ..codegen.compute import packing_of
 from ..codegen.actquant import actquant_kernel
 from ..codegen.kernel import PackedWeight, _dl, pack_weight
-from ..codegen.unpack import code_words
+from ..codegen.unpack import code_words, unpack_codes
 from ..quantizer import compute_qparams
 from . import kernels
 from .format import QuantFormat
@@ -160,6 +160,8 @@ class QuantLinear(nn.Module):
                                           self.weight_zero_point, self.weight_sum, self.group_k,
                                           self.bias, self.outlier_indices, self.outlier_values,
                                           self.spec)
+        if x.is_cuda:
+            return self.forward_cuda(x)
         if self.fmt.formulation == "unpack" and x.numel() == self.fmt.k:
             return self._decode_one(x)
         return qlinear_impl(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
@@ -199,6 +201,66 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y += self.bias
         return y.view(*x.shape[:-1], self.fmt.n).to(x.dtype)
+
+    def codes(self) -> Tensor:
+        """The weight's integer codes uint8 [N, K], unpacked from whatever layout it is in."""
+        fmt, layout = self.fmt, packing_of(self.fmt.formulation)
+        if layout == "codes":
+            return unpack_codes(self.weight_packed, fmt.wbits, fmt.k)
+        if layout == "bitplanes":
+            return P.unpack_bitplanes(self.weight_packed, fmt.k).to(torch.uint8)
+        return P.unpack_nibbles(self.weight_packed, fmt.k).to(torch.uint8)
+
+    def dequantized_weight(self) -> Tensor:
+        """float32 [N, K]: (code - zero) * scale, per row or per group."""
+        reps = self.group_k.to(torch.int64).to(self.weight_scale.device)
+        scale = torch.repeat_interleave(self.weight_scale, reps, dim=1)[:, :self.fmt.k]
+        zero = torch.repeat_interleave(self.weight_zero_point, reps, dim=1)[:, :self.fmt.k]
+        return (self.codes().float() - zero) * scale
+
+    def _cuda_state_key(self):
+        return (self.weight_packed.data_ptr(), self.weight_scale.data_ptr(),
+                self.weight_zero_point.data_ptr())
+
+    def forward_cuda(self, x: Tensor) -> Tensor:
+        """On a GPU: the b1 tensor-core kernel (`abqc.codegen.cuda`) for per-channel WxAy
+        with activations of 1..8 bits; weight-only and grouped formats, which those kernels
+        do not cover, run as a float matmul on the dequantized weight (activations still
+        fake-quantized per token), so the result is the same function of x."""
+        fmt = self.fmt
+        x2 = x.reshape(-1, fmt.k).float()
+        m = x2.shape[0]
+        st = self.__dict__.setdefault("_cuda_state", {})
+        if st.get("key") != self._cuda_state_key():
+            st.clear()
+            st["key"] = self._cuda_state_key()
+        xa = None
+        if fmt.weight_only or fmt.group_size:
+            if "w" not in st:
+                st["w"] = self.dequantized_weight()
+            xa = x2 if fmt.weight_only else _fake_quant_tokens(x2, fmt)
+            y = xa @ st["w"].T
+        elif m == 0:
+            y = x2.new_empty(0, fmt.n)
+        else:
+            from ..codegen.compute import KernelShape
+            from ..codegen.cuda import runtime as cuda_rt
+
+            kern = cuda_rt.kernel_for(KernelShape(fmt.n, fmt.k, fmt.wbits, fmt.abits), m, x.device)
+            kw = ("kernel", id(kern))
+            if kw not in st:
+                st[kw] = kern.pack_weight(self.codes(), self.weight_scale.reshape(-1),
+                                          self.weight_zero_point.reshape(-1))
+            y = kern(x2, st[kw], fmt.act_symmetric)
+        if self.outlier_indices is not None and self.outlier_indices.numel():
+            if xa is None:
+                xa = _fake_quant_tokens(x2, fmt)
+            h = torch.sparse_coo_tensor(self.outlier_indices, self.outlier_values, (fmt.n, fmt.k),
+                                        check_invariants=False, is_coalesced=True)
+            y = y + torch.sparse.mm(h, xa.T).T
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.reshape(*x.shape[:-1], fmt.n).to(x.dtype)
 
     def extra_repr(self) -> str:
         return str(self.fmt)
