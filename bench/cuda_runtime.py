@@ -6,8 +6,8 @@
    CUDA branch (b1 tensor-core kernels, launched through the driver API) against the CPU
    kernels (`qlinear_impl`) on the same packed weight: max relative difference, and
    decode time per call (Python launch included) against the fp16 `nn.Linear`;
-2. model level: a tiny Llama compiled at W4A8 (RTN) on the CPU, its `hf_model` moved to the
-   GPU: logits against the CPU kernels' logits, and greedy tokens from ``generate`` on both.
+2. model level: a tiny Llama compiled at W4A8 (RTN) on the CPU (or a saved model, --saved),
+   moved to the GPU: logits against the CPU kernels' logits, greedy tokens from ``generate``.
 Results: bench/results/cuda_runtime_<gpu>.json.
 """
 from __future__ import annotations
@@ -67,17 +67,24 @@ def _wall_ms(fn, repeat: int = 50) -> float:
     return (time.perf_counter() - t) / repeat * 1e3
 
 
-def model_rows(device) -> dict:
+def model_rows(device, saved: str | None) -> dict:
+    """`saved`: a model saved by ``cm.save`` (loaded with ``from_pretrained``, no capture);
+    else a tiny Llama compiled here (capture needs the pinned torch)."""
     import abqc
-    from frontends.tiny import tiny_model
 
-    model = tiny_model("llama")
-    cm = abqc.compile(model, wbits=4, abits=8)
+    if saved:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(saved).eval()
+    else:
+        from frontends.tiny import tiny_model
+
+        hf = abqc.compile(tiny_model("llama"), wbits=4, abits=8).hf_model
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        cpu_logits = cm.hf_model(ids).logits
-        cpu_tokens = cm.hf_model.generate(ids, max_new_tokens=16, do_sample=False)
-        gm = cm.hf_model.to(device)
+        cpu_logits = hf(ids).logits
+        cpu_tokens = hf.generate(ids, max_new_tokens=16, do_sample=False)
+        gm = hf.to(device)
         gpu_logits = gm(ids.to(device)).logits.cpu()
         gpu_tokens = gm.generate(ids.to(device), max_new_tokens=16, do_sample=False).cpu()
     quant = sum(type(mm).__name__ == "QuantLinear" for mm in gm.modules())
@@ -94,6 +101,7 @@ def model_rows(device) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--saved", help="a saved compiled model to run (default: compile a tiny Llama)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/cuda_runtime.py needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -104,7 +112,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device)
     result = {"benchmark": "cuda_runtime", "command": "python " + " ".join(sys.argv),
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info(),
-              "gpu": name, "layers": layer_rows(device), "model": model_rows(device)}
+              "gpu": name, "layers": layer_rows(device), "model": model_rows(device, args.saved)}
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     print("wrote", write_json(os.path.join(args.out, f"cuda_runtime_{slug}.json"), result))
 

@@ -246,7 +246,11 @@ class QuantLinear(nn.Module):
             from ..codegen.compute import KernelShape
             from ..codegen.cuda import runtime as cuda_rt
 
-            kern = cuda_rt.kernel_for(KernelShape(fmt.n, fmt.k, fmt.wbits, fmt.abits), m, x.device)
+            km = ("for_m", m if m <= cuda_rt.DECODE_MAX_M else cuda_rt.m_bucket(m))
+            kern = st.get(km)
+            if kern is None:  # the tuning-log lookup once per token-count bucket, not per call
+                kern = st[km] = cuda_rt.kernel_for(KernelShape(fmt.n, fmt.k, fmt.wbits, fmt.abits),
+                                                   m, x.device)
             kw = ("kernel", id(kern))
             if kw not in st:
                 st[kw] = kern.pack_weight(self.codes(), self.weight_scale.reshape(-1),
