@@ -6,7 +6,8 @@
 
 1. bit-exact integer accumulators against ``xq @ wq.T`` for all 64 (wbits, abits): decode
    kernels (M = 1, 5, 8) and the GEMM kernel (M = 37), awkward N and K; the float output
-   against the float64 dequantized product;
+   against the float64 dequantized product; the fused activation quantize+pack kernel
+   (`actpack`) against the CPU fake-quant grid packed on the CPU (asymmetric and symmetric);
 2. tuning: every candidate schedule of the search space for the shapes x token counts x
    bits asked, timed by CUDA-graph replay (GPU time alone); the best goes to a tuning log
    (``bench/results/cuda_tuning_<gpu>.jsonl``, keys ``cuda-smXY|m..|n..|k..|w..|a..|g0``, the
@@ -197,6 +198,23 @@ def _copies(t: torch.Tensor, l2: int) -> int:
     return max(2, -(-2 * l2 // (t.numel() * t.element_size())))
 
 
+def _actpack_exact(kern, p, m, g, device) -> bool:
+    """The fused quantize+pack kernel's words, scales, zeros and code sums equal the CPU
+    fake-quant grid packed on the CPU, for the asymmetric and the symmetric grid."""
+    from abqc.codegen.cuda.kernel import activation_words, quantize_activations
+
+    ok = True
+    for sym in (False, True):
+        x = torch.randn(m, p.k, generator=g)
+        x[:, 3] *= 20
+        acts = kern.prepare(x.to(device), sym)
+        xq, sx, zx = quantize_activations(x, p.abits, sym)
+        ok &= bool(torch.equal(acts["X"].cpu(), activation_words(p, kern.sched, xq)))
+        ok &= bool(torch.equal(acts["sx"][:m].cpu(), sx) and torch.equal(acts["zx"][:m].cpu(), zx))
+        ok &= bool(torch.equal(acts["sumx"][:m].cpu(), xq.to(torch.int32).sum(1)))
+    return ok
+
+
 def exactness(src, pl, device) -> list[dict]:
     from abqc.quantizer import compute_qparams, quantize
 
@@ -211,6 +229,7 @@ def exactness(src, pl, device) -> list[dict]:
                                                    "cases": 0})
         row["int_exact"] &= bool(torch.equal(acc, (xq.long() @ wq.long().T).to(torch.int32)))
         row["cases"] += 1
+        row["actpack_exact"] = row.get("actpack_exact", True) & _actpack_exact(kern, p, m, g, device)
         if "main" in fns:
             wf, x = torch.randn(p.n, p.k, generator=g), torch.randn(m, p.k, generator=g)
             x[:, 3] *= 20  # an outlier channel
@@ -221,7 +240,8 @@ def exactness(src, pl, device) -> list[dict]:
                                      p.abits).cpu()  # same activation codes as the kernel's
             row["float_rel_err"] = float((y - ref).abs().max() / ref.abs().max())
     for r in rows.values():
-        print(f"w{r['wbits']}a{r['abits']}: integer {'exact' if r['int_exact'] else 'MISMATCH'} "
+        print(f"w{r['wbits']}a{r['abits']}: integer {'exact' if r['int_exact'] else 'MISMATCH'}, "
+              f"fused activation packing {'exact' if r['actpack_exact'] else 'MISMATCH'} "
               f"({r['cases']} kernels), float rel.err {r.get('float_rel_err', float('nan')):.2e}")
     return list(rows.values())
 
@@ -249,8 +269,9 @@ def timings(src, pl, device, log_path, gpu) -> list[dict]:
         acts = kern.prepare(x)
         y = torch.empty(kern.rows(m), kern.np_, dtype=torch.float32, device=device)
         t_kernel = time_cuda(lambda: kern.run(acts, w, y), repeat=50)
-        t_e2e = time_cuda(lambda: kern(x, w), repeat=50, graph=False)  # host-side packing: not graphable
+        t_e2e = time_cuda(lambda: kern(x, w), repeat=50, graph=False)  # what a Python caller waits
         t_launch = time_cuda(lambda: kern.run(acts, w, y), repeat=50, graph=False)
+        t_fused = time_cuda(lambda: kern.run(kern.prepare(x), w, y), repeat=50)  # GPU: actpack + GEMV
         xh, wh = x.half(), torch.randn(p.n, p.k, device=device, dtype=torch.float16)
         t_fp16 = time_cuda(lambda: xh @ wh.T, repeat=50)
         mi = max(m, 17)  # torch._int_mm needs more than 16 rows
@@ -273,7 +294,8 @@ def timings(src, pl, device, log_path, gpu) -> list[dict]:
             cold["int8"] = time_cuda([lambda w=w_: torch._int_mm(xi, w) for w_ in wis])
             del wis
         row = {"n": p.n, "k": p.k, "m": m, "wbits": p.wbits, "abits": p.abits, "schedule": rec["params"],
-               "candidates": len(scheds), "kernel_ms": t_kernel, "kernel_with_launch_ms": t_launch, "with_quant_pack_ms": t_e2e,
+               "candidates": len(scheds), "kernel_ms": t_kernel, "kernel_with_launch_ms": t_launch,
+               "actpack_plus_kernel_ms": t_fused, "with_quant_pack_ms": t_e2e,
                "torch_fp16_ms": t_fp16, "torch_int_mm_ms": t_int8, "int_mm_rows": mi,
                "speedup_vs_fp16": t_fp16 / t_kernel,
                "speedup_vs_int8": (t_int8 / t_kernel) if t_int8 else None,
@@ -282,7 +304,8 @@ def timings(src, pl, device, log_path, gpu) -> list[dict]:
                "cold_speedup_vs_fp16": cold["fp16"] / cold["kernel"],
                "cold_speedup_vs_int8": cold["int8"] / cold["kernel"] if "int8" in cold else None}
         rows.append(row)
-        print(f"{p.n}x{p.k} M={m} w{p.wbits}a{p.abits}: {t_kernel:.4f} ms (launched from Python {t_launch:.4f}, "
+        print(f"{p.n}x{p.k} M={m} w{p.wbits}a{p.abits}: {t_kernel:.4f} ms (+actpack {t_fused:.4f}, "
+              f"launched from Python {t_launch:.4f}, "
               f"with quant+pack {t_e2e:.4f}); "
               f"fp16 {t_fp16:.4f} ({row['speedup_vs_fp16']:.2f}x); int8 "
               f"{'n/a' if t_int8 is None else f'{t_int8:.4f} ({t_int8 / t_kernel:.2f}x)'} | cold: "

@@ -7,7 +7,9 @@ launches it.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -131,9 +133,13 @@ class CudaKernel:
         return acc[:m, :w.problem_n]
 
     def prepare(self, x: torch.Tensor, act_symmetric: bool = False) -> dict:
-        """Per-call activation arguments: quantized, bit-plane packed, padded to the rows."""
+        """Per-call activation arguments: quantized, bit-plane packed, padded to the rows.
+        On a GPU one fused kernel (`actpack`) writes them into buffers kept per token count
+        (``ABQC_CUDA_ACTPACK=0``: the torch ops instead)."""
         x = x.reshape(-1, self.problem.k)
         m = x.shape[0]
+        if x.is_cuda and os.environ.get("ABQC_CUDA_ACTPACK", "1") != "0":
+            return self._prepare_fused(x, m, act_symmetric)
         xq, sx, zx = quantize_activations(x, self.problem.abits, act_symmetric)
         rows = self.rows(m)
 
@@ -141,6 +147,22 @@ class CudaKernel:
             return torch.nn.functional.pad(t.reshape(-1).to(dtype), (0, rows - m)).contiguous()
         return {"X": self.activation_words(xq), "sx": pad(sx, torch.float32), "zx": pad(zx, torch.float32),
                 "sumx": pad(xq.to(torch.int32).sum(1), torch.int32), "m": m}
+
+    def _prepare_fused(self, x: torch.Tensor, m: int, act_symmetric: bool) -> dict:
+        from . import actpack
+
+        p, rows = self.problem, self.rows(m)
+        bufs = self.__dict__.setdefault("_act_bufs", {}).get((m, x.device))
+        if bufs is None:  # zeros: padded rows and words are never written
+            shape = (1, p.decode_rows, self.kw) if p.decode_m else (p.abits, rows, self.kw)
+            z = functools.partial(torch.zeros, device=x.device)
+            bufs = {"X": z(shape, dtype=torch.int32), "sx": z(rows), "zx": z(rows),
+                    "sumx": z(rows, dtype=torch.int32), "m": m}
+            self._act_bufs[(m, x.device)] = bufs
+        plane_stride = (m if p.decode_m else rows) * self.kw
+        actpack.quantize_pack(x.float().contiguous(), p.abits, act_symmetric, self.kw, plane_stride,
+                              bufs["X"], bufs["sx"], bufs["zx"], bufs["sumx"], self.arch)
+        return bufs
 
     def run(self, acts: dict, w: CudaWeight, y: torch.Tensor | None = None) -> torch.Tensor:
         """The ``main`` kernel on prepared activations; returns y [M, N]."""
