@@ -65,9 +65,48 @@ def time_model(model, prompt_ids, decode_tokens: int) -> dict:
             out = model(nxt, past_key_values=past, use_cache=True)
             steps.append(time.perf_counter() - t)
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        breakdown = decode_breakdown(model, nxt, past, decode_tokens)
     ms = statistics.median(steps) * 1e3
     return {"prefill_s": round(statistics.median(pre), 4), "decode_ms_per_token": round(ms, 3),
-            "decode_tokens_per_s": round(1e3 / ms, 2)}
+            "decode_tokens_per_s": round(1e3 / ms, 2), "decode_breakdown_ms": breakdown}
+
+
+def decode_breakdown(model, nxt, past, steps: int) -> dict:
+    """Where a decode step's time goes (mean ms per token): quantized linears, float linears
+    (lm_head), everything else (attention, norms, transformers/Python). Measured with
+    forward hooks in separate steps, so the hooks' own cost does not touch the main timing."""
+    import torch
+
+    spent = {"quantized_linears": 0.0, "float_linears": 0.0}
+    starts: dict[int, float] = {}
+
+    def pre(m, _):
+        starts[id(m)] = time.perf_counter()
+
+    def post(kind):
+        def hook(m, _, __):
+            spent[kind] += time.perf_counter() - starts.pop(id(m))
+        return hook
+
+    handles = []
+    for m in model.modules():
+        kind = ("quantized_linears" if type(m).__name__ == "QuantLinear"
+                else "float_linears" if isinstance(m, torch.nn.Linear) else None)
+        if kind:
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post(kind))]
+    try:
+        t = time.perf_counter()
+        for _ in range(steps):
+            out = model(nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        total = time.perf_counter() - t
+    finally:
+        for h in handles:
+            h.remove()
+    ms = {k: round(v / steps * 1e3, 2) for k, v in spent.items()}
+    ms["other"] = round(total / steps * 1e3 - sum(ms.values()), 2)
+    ms["total_with_hooks"] = round(total / steps * 1e3, 2)
+    return ms
 
 
 def _prompt(tok, n: int):
