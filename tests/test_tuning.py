@@ -8,6 +8,7 @@ import torch
 from abqc.codegen import tuning
 from abqc.codegen.compute import KernelShape
 from abqc.codegen.kernel import pack_weight, reference
+from abqc.codegen.vnni import vnni_supported
 from abqc.quantizer import compute_qparams, quantize
 
 SHAPE = KernelShape(n=24, k=130, wbits=2, abits=4)
@@ -42,9 +43,12 @@ def test_m_buckets_and_search_space():
     assert [tuning.m_bucket(m) for m in (1, 2, 16, 17, 500)] == [1, 16, 16, 128, 128]
     gemv = tuning.candidates(SHAPE, 1)
     gemm = tuning.candidates(SHAPE, 64)
-    assert {f for f, _ in gemv} == {"bitserial", "lut", "unpack"}
-    integer = [c for c in gemv if c[0] != "unpack"]
-    assert len([c for c in gemm if c[0] != "unpack"]) == 2 * len(integer)  # + m placement
+    vnni = {"vnni"} if vnni_supported() else set()
+    assert {f for f, _ in gemv} == {"bitserial", "lut", "unpack"} | vnni
+    assert {f for f, _ in tuning.candidates(KernelShape(24, 130, 2, 4, 64), 1)} == \
+        {"bitserial", "lut", "unpack"}  # vnni takes per-channel weights only
+    integer = [c for c in gemv if c[0] in ("bitserial", "lut")]
+    assert len([c for c in gemm if c[0] in ("bitserial", "lut")]) == 2 * len(integer)  # + m placement
     assert {p["decode"] for f, p in gemv if f == "unpack"} == {"inline"}
     assert {p["decode"] for f, p in gemm if f == "unpack"} == {"inline", "panel"}
     assert {f for f, _ in tuning.candidates(KernelShape(24, 130, 4, 16), 1)} == \

@@ -17,6 +17,44 @@ from ..config import sym_zero
 from .build import host_target
 
 
+def _grid(x, m, k: int, abits: int, symmetric: bool):
+    """Per-row (scale, zero) as te tensors [m]: `compute_qparams`' min/max grid, op for op."""
+    f32 = "float32"
+    qmax = (1 << abits) - 1
+    r = te.reduce_axis((0, k), "r")
+    r2 = te.reduce_axis((0, k), "r2")
+    if symmetric:
+        amax = te.compute((m,), lambda a: te.max(tirx.abs(x[a, r]), axis=r), name="amax")
+        scale = te.compute((m,), lambda a: tirx.Select(
+            amax[a] * 2 / qmax > 0, amax[a] * 2 / qmax, tirx.const(1, f32)), name="scale")
+        zero = te.compute((m,), lambda a: tirx.const(sym_zero(qmax), f32), name="zero")
+    else:
+        lo = te.compute((m,), lambda a: te.min(x[a, r], axis=r), name="lo")
+        hi = te.compute((m,), lambda a: te.max(x[a, r2], axis=r2), name="hi")
+        if qmax == 1:  # the two levels are min and max; fractional zero
+            rng = te.compute((m,), lambda a: hi[a] - lo[a], name="rng")
+            scale = te.compute((m,), lambda a: tirx.Select(rng[a] > 0, rng[a], tirx.const(1, f32)),
+                               name="scale")
+            zero = te.compute((m,), lambda a: -lo[a] / scale[a], name="zero")
+        else:
+            rng = te.compute((m,), lambda a: (tirx.max(hi[a], tirx.const(0, f32))
+                                              - tirx.min(lo[a], tirx.const(0, f32))) / qmax,
+                             name="rng")
+            scale = te.compute((m,), lambda a: tirx.Select(rng[a] > 0, rng[a], tirx.const(1, f32)),
+                               name="scale")
+            zero = te.compute((m,), lambda a: tirx.min(tirx.max(tirx.nearbyint(
+                -tirx.min(lo[a], tirx.const(0, f32)) / scale[a]), tirx.const(0, f32)),
+                tirx.const(qmax, f32)), name="zero")
+    return scale, zero
+
+
+def _code(x, scale, zero, qmax: int, a, b):
+    """The rounded, clamped code of x[a, b] as float32 (half-to-even, as ``torch.round``)."""
+    f32 = "float32"
+    q = tirx.nearbyint(x[a, b] / scale[a] + zero[a])
+    return tirx.min(tirx.max(q, tirx.const(0, f32)), tirx.const(qmax, f32))
+
+
 def actquant_func(k: int, kp: int, groups: int, abits: int, symmetric: bool, m_tile: int):
     mt = te.var("mt")
     m = te.var("m")
@@ -29,35 +67,10 @@ def actquant_func(k: int, kp: int, groups: int, abits: int, symmetric: bool, m_t
             name="xq")
     else:
         qmax = (1 << abits) - 1
-        r = te.reduce_axis((0, k), "r")
-        r2 = te.reduce_axis((0, k), "r2")
-        if symmetric:
-            amax = te.compute((m,), lambda a: te.max(tirx.abs(x[a, r]), axis=r), name="amax")
-            scale = te.compute((m,), lambda a: tirx.Select(
-                amax[a] * 2 / qmax > 0, amax[a] * 2 / qmax, tirx.const(1, f32)), name="scale")
-            zero = te.compute((m,), lambda a: tirx.const(sym_zero(qmax), f32), name="zero")
-        else:
-            lo = te.compute((m,), lambda a: te.min(x[a, r], axis=r), name="lo")
-            hi = te.compute((m,), lambda a: te.max(x[a, r2], axis=r2), name="hi")
-            if qmax == 1:  # the two levels are min and max; fractional zero
-                rng = te.compute((m,), lambda a: hi[a] - lo[a], name="rng")
-                scale = te.compute((m,), lambda a: tirx.Select(rng[a] > 0, rng[a], tirx.const(1, f32)),
-                                   name="scale")
-                zero = te.compute((m,), lambda a: -lo[a] / scale[a], name="zero")
-            else:
-                rng = te.compute((m,), lambda a: (tirx.max(hi[a], tirx.const(0, f32))
-                                                  - tirx.min(lo[a], tirx.const(0, f32))) / qmax,
-                                 name="rng")
-                scale = te.compute((m,), lambda a: tirx.Select(rng[a] > 0, rng[a], tirx.const(1, f32)),
-                                   name="scale")
-                zero = te.compute((m,), lambda a: tirx.min(tirx.max(tirx.nearbyint(
-                    -tirx.min(lo[a], tirx.const(0, f32)) / scale[a]), tirx.const(0, f32)),
-                    tirx.const(qmax, f32)), name="zero")
+        scale, zero = _grid(x, m, k, abits, symmetric)
 
         def value(a, b):
-            q = tirx.nearbyint(x[a, b] / scale[a] + zero[a])
-            q = tirx.min(tirx.max(q, tirx.const(0, f32)), tirx.const(qmax, f32))
-            return (q - zero[a]) * scale[a]
+            return (_code(x, scale, zero, qmax, a, b) - zero[a]) * scale[a]
 
         xq = te.compute((mp, kp), lambda a, b: tirx.if_then_else(
             tirx.all(a < m, b < k), value(tirx.min(a, m - 1), tirx.min(b, k - 1)),
@@ -76,4 +89,30 @@ def actquant_kernel(k: int, kp: int, groups: int, abits: int, symmetric: bool, m
     ex = tvm.compile(tvm.IRModule({"main": func}), target=host_target())
     f = ex["main"]
     f.executable = ex  # keep the module alive with its function
+    return f
+
+
+def actcodes_func(k: int, kp: int, abits: int, symmetric: bool):
+    """For the integer kernels: codes uint8 [M, KP] (zero-padded), scale and zero [M], and
+    the code row sums int32 [M, 1]."""
+    m = te.var("m")
+    x = te.placeholder((m, k), "float32", name="x")
+    qmax = (1 << abits) - 1
+    scale, zero = _grid(x, m, k, abits, symmetric)
+    xc = te.compute((m, kp), lambda a, b: tirx.if_then_else(
+        b < k, _code(x, scale, zero, qmax, a, tirx.min(b, k - 1)).astype("uint8"),
+        tirx.const(0, "uint8")), name="xc")
+    r = te.reduce_axis((0, kp), "r")
+    sumx = te.compute((m, 1), lambda a, _: te.sum(xc[a, r].astype("int32"), axis=r), name="sumx")
+    sx = te.compute((m,), lambda a: scale[a], name="sx")
+    zx = te.compute((m,), lambda a: zero[a], name="zx")
+    return te.create_prim_func([x, xc, sx, zx, sumx])
+
+
+@functools.lru_cache(maxsize=None)
+def actcodes_kernel(k: int, kp: int, abits: int, symmetric: bool):
+    """The built ``f(x [M, K], codes [M, KP], sx [M], zx [M], sumx [M, 1])``."""
+    ex = tvm.compile(tvm.IRModule({"main": actcodes_func(k, kp, abits, symmetric)}), target=host_target())
+    f = ex["main"]
+    f.executable = ex
     return f

@@ -33,8 +33,16 @@ def build(formulation: str, shape: KernelShape, params: dict[str, Any], target=N
         mt = {**UNPACK_DEFAULT, **params}["m_tile"]
         funcs = {name: schedule_unpack(unpack(shape, name == "main", mt), params, name == "main")
                  for name in functions}
+    elif formulation == "vnni":
+        from .vnni import VNNI_DEFAULT, vnni, vnni_supported
+        if not vnni_supported():
+            raise RuntimeError("the vnni formulation needs a CPU with AVX-512 VNNI (avx512_vnni, "
+                               "avx512bw), which this one lacks; re-compile the model here so its "
+                               "weights are packed for another formulation")
+        nt = {**VNNI_DEFAULT, **params}["n_tile"]
+        funcs = {name: vnni(shape, name == "main", nt) for name in functions}
     elif formulation not in COMPUTES:
-        raise ValueError(f"formulation={formulation!r} is not one of {sorted(COMPUTES) + ['unpack']}")
+        raise ValueError(f"formulation={formulation!r} is not one of {sorted(COMPUTES) + ['unpack', 'vnni']}")
     else:
         make = COMPUTES[formulation]
         funcs = {name: schedule(make(shape, name == "main"), params, epilogue=name == "main")

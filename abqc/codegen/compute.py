@@ -152,14 +152,16 @@ def wo_bitserial(shape: KernelShape, with_epilogue: bool = True):
 COMPUTES = {"bitserial": bitserial, "lut": lut, "wo_bitserial": wo_bitserial, "wo_lut": wo_lut}
 #: formulations that take any activation width (float in; see `unpack`)
 ANY_FORMULATIONS = ("unpack",)
+#: integer formulations that need a CPU feature (see `vnni`): per channel, abits <= 8
+VNNI_FORMULATIONS = ("vnni",)
 
 
 def formulations_for(abits: int) -> tuple[str, ...]:
     """The formulations that can run a kernel with `abits` activations (16: float)."""
-    return (WO_FORMULATIONS if abits == 16 else FORMULATIONS) + ANY_FORMULATIONS
+    return (WO_FORMULATIONS if abits == 16 else FORMULATIONS + VNNI_FORMULATIONS) + ANY_FORMULATIONS
 
 
 def packing_of(formulation: str) -> str:
     """Which weight layout a formulation reads: bit planes, table nibbles or packed codes."""
     return {"bitserial": "bitplanes", "wo_bitserial": "bitplanes", "lut": "nibbles",
-            "wo_lut": "nibbles", "unpack": "codes"}[formulation]
+            "wo_lut": "nibbles", "unpack": "codes", "vnni": "vnni"}[formulation]

@@ -10,8 +10,10 @@ import tvm
 
 from ..quantizer import compute_qparams, dequantize
 from . import packing as P
+from .actquant import actcodes_kernel
 from .compute import WO_FORMULATIONS, KernelShape, packing_of
 from .unpack import UNPACK_DEFAULT, pack_codes
+from .vnni import pack_vnni, vnni_kp
 
 
 def _dl(t: torch.Tensor):
@@ -29,7 +31,8 @@ class PackedWeight:
 
     formulation: str
     shape: KernelShape
-    data: torch.Tensor  # int64 bit planes [wbits, N, KW] or uint8 table indices [wbits, N, KP/4]
+    data: torch.Tensor  # int64 bit planes [wbits, N, KW], uint8 table indices [wbits, N, KP/4],
+    #                     int32 code words [words, N] (unpack) or uint8 blocks [NP, KB, 64] (vnni)
     scale: torch.Tensor  # float32 [N, G]
     zero: torch.Tensor  # float32 [N, G]
     sumw: torch.Tensor  # int32 [N, G]
@@ -50,6 +53,8 @@ def pack_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, sh
         data = P.pack_bitplanes(codes, shape.wbits, shape.group_size)
     elif layout == "codes":
         data = pack_codes(codes, shape.wbits, shape.kp)
+    elif layout == "vnni":
+        data = pack_vnni(codes, shape.wbits)
     else:
         data = P.pack_nibbles(codes, shape.wbits, shape.group_size)
     return PackedWeight(formulation, shape, data,
@@ -109,9 +114,18 @@ class Kernel:
             data = xp.contiguous() if self.formulation in ("wo_bitserial", "unpack") else \
                 P.lookup_tables(xp, s.kp, torch.float32)
             return data, (xs,)
+        if self.formulation == "vnni":  # one TVM kernel: codes, grid and row sums
+            m, kp = x.shape[0], vnni_kp(s.k, s.wbits)
+            data = torch.empty(m, kp, dtype=torch.uint8)
+            sx, zx, sumx = torch.empty(m), torch.empty(m), torch.empty(m, 1, dtype=torch.int32)
+            actcodes_kernel(s.k, kp, s.abits, act_symmetric)(
+                _dl(x.float()), _dl(data), _dl(sx), _dl(zx), _dl(sumx))
+            return data, (sx, zx, sumx)
         codes, sx, zx = quantize_activations(x, s.abits, act_symmetric)
-        data = P.pack_bitplanes(codes, s.abits, s.group_size) if self.formulation == "bitserial" \
-            else P.lookup_tables(codes, s.kp)
+        if self.formulation == "bitserial":
+            data = P.pack_bitplanes(codes, s.abits, s.group_size)
+        else:
+            data = P.lookup_tables(codes, s.kp)
         return data, (sx, zx, P.group_sums(codes, s.group_size, s.kp))
 
     def __call__(self, x: torch.Tensor, w: PackedWeight, act_symmetric: bool = False,

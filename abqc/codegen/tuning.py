@@ -29,6 +29,7 @@ from .compute import FORMULATIONS, WO_FORMULATIONS, KernelShape
 from .kernel import Kernel, pack_weight
 from .tuning_log import TuningLog  # noqa: F401  (re-exported)
 from .schedule import ORDERS
+from .vnni import N_TILES as VNNI_TILES, vnni_supported
 
 log = logging.getLogger("abqc")
 
@@ -68,11 +69,18 @@ def default_unpack_params(m: int) -> dict[str, Any]:
     return {"decode": "panel", "n_tile": 16, "m_tile": 6, "k_unroll": 4}
 
 
+def vnni_fits(shape: KernelShape) -> bool:
+    """Whether the `vnni` formulation can run `shape` on this CPU."""
+    return shape.abits <= 8 and not shape.group_size and vnni_supported()
+
+
 def candidates(shape: KernelShape, m: int) -> list[tuple[str, dict[str, Any]]]:
     """The search space: every formulation that fits the activation width, each with its
     schedule knobs (loop order x n tile x m placement; `unpack`: decoding x register block)."""
     forms = WO_FORMULATIONS if shape.abits == 16 else FORMULATIONS
     out = [("unpack", p) for p in unpack_candidates(m)]
+    if vnni_fits(shape):
+        out += [("vnni", {"n_tile": t}) for t in VNNI_TILES]
     for form in forms:
         for order in ORDERS:
             if order == "bits_inner" and form.endswith("lut"):

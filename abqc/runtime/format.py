@@ -32,6 +32,9 @@ class QuantFormat:
         if self.formulation not in allowed:
             raise ConfigError(f"formulation={self.formulation!r} does not fit abits={self.abits}; "
                               f"use one of {list(allowed)}")
+        if self.formulation == "vnni" and self.group_size:
+            raise ConfigError(f"formulation='vnni' takes per-channel weights, not group_size="
+                              f"{self.group_size}; use 'unpack' or 'bitserial' for groups")
 
     @property
     def shape(self) -> KernelShape:

@@ -16,7 +16,8 @@ import threading
 from ..codegen.compute import KernelShape
 from ..codegen.kernel import Kernel
 from ..codegen.tuning import (M_BUCKETS, TuningLog, default_unpack_params, load_or_build, m_bucket,
-                              tune, tuning_key)
+                              tune, tuning_key, vnni_fits)
+from ..codegen.vnni import VNNI_DEFAULT
 from .format import QuantFormat
 
 log = logging.getLogger("abqc")
@@ -26,7 +27,15 @@ DEFAULT_PARAMS = {"order": "k_inner", "n_tile": 16, "m_outer": True}
 
 
 def _default(formulation: str, m: int) -> dict:
+    if formulation == "vnni":
+        return dict(VNNI_DEFAULT)
     return default_unpack_params(m) if formulation == "unpack" else dict(DEFAULT_PARAMS)
+
+
+def untuned_formulation(shape: KernelShape) -> str:
+    """Where the log knows nothing: ``vnni`` (exact, fastest here at every M bucket, see
+    `bench/kernels.py`) when this CPU and the format allow it, else ``unpack``."""
+    return "vnni" if vnni_fits(shape) else "unpack"
 
 _lock = threading.Lock()
 _kernels: dict[tuple[str, int], Kernel] = {}
@@ -52,7 +61,7 @@ def reset() -> None:
 def best_formulation(shape: KernelShape, tune_missing: bool | None = None) -> str:
     """The formulation to pack a weight for (one packing serves every M bucket): the one
     whose best schedules lose least against each bucket's winner (geometric mean), from
-    the tuning log (tuned first when allowed); ``unpack`` when nothing is known."""
+    the tuning log (tuned first when allowed); `untuned_formulation` when nothing is known."""
     tune_missing = tuning_enabled() if tune_missing is None else tune_missing
     recs = []
     for b in M_BUCKETS:
@@ -62,7 +71,7 @@ def best_formulation(shape: KernelShape, tune_missing: bool | None = None) -> st
         if rec is not None:
             recs.append(rec)
     if not recs:
-        return "unpack"
+        return untuned_formulation(shape)
     score: dict[str, float] = {}
     for rec in recs:
         best: dict[str, float] = {}

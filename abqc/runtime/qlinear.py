@@ -15,9 +15,10 @@ from torch import Tensor, nn
 
 from ..codegen import packing as P
 from ..codegen.compute import packing_of
-from ..codegen.actquant import actquant_kernel
+from ..codegen.actquant import actcodes_kernel, actquant_kernel
 from ..codegen.kernel import PackedWeight, _dl, pack_weight
 from ..codegen.unpack import code_words, unpack_codes
+from ..codegen.vnni import block_codes, padded_n, unpack_vnni, vnni_kp
 from ..quantizer import compute_qparams
 from . import kernels
 from .format import QuantFormat
@@ -118,6 +119,9 @@ class QuantLinear(nn.Module):
             packed = torch.zeros(fmt.wbits, fmt.n, s.kp // P.WORD, dtype=torch.int64)
         elif layout == "codes":
             packed = torch.zeros(code_words(s.kp, fmt.wbits), fmt.n, dtype=torch.int32)
+        elif layout == "vnni":
+            packed = torch.zeros(padded_n(fmt.n), vnni_kp(fmt.k, fmt.wbits) // block_codes(fmt.wbits), 64,
+                                 dtype=torch.uint8)
         else:
             packed = torch.zeros(fmt.wbits, fmt.n, s.kp // P.TABLE_GROUP, dtype=torch.uint8)
         self.register_buffer("weight_packed", packed)
@@ -162,8 +166,11 @@ class QuantLinear(nn.Module):
                                           self.spec)
         if x.is_cuda:
             return self.forward_cuda(x)
-        if self.fmt.formulation == "unpack" and x.numel() == self.fmt.k:
-            return self._decode_one(x)
+        if x.numel() == self.fmt.k:
+            if self.fmt.formulation == "unpack":
+                return self._decode_one(x)
+            if self.fmt.formulation == "vnni":
+                return self._decode_one_vnni(x)
         return qlinear_impl(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                             self.weight_sum, self.group_k, self.bias, self.outlier_indices,
                             self.outlier_values, self.spec)
@@ -202,6 +209,40 @@ class QuantLinear(nn.Module):
             y += self.bias
         return y.view(*x.shape[:-1], self.fmt.n).to(x.dtype)
 
+    def _decode_one_vnni(self, x: Tensor) -> Tensor:
+        """One token on the vnni kernel: activation codes, grid and sums by one TVM kernel
+        into buffers made once, with the weight's TVM views (as `_decode_one`)."""
+        key = tuple(b.data_ptr() for b in (self.weight_packed, self.weight_scale,
+                                           self.weight_zero_point, self.weight_sum))
+        st = self.__dict__.get("_decode_state")
+        if st is None or st[0] != key:
+            fmt = self.fmt
+            kp = vnni_kp(fmt.k, fmt.wbits)
+            bufs = (torch.empty(1, kp, dtype=torch.uint8), torch.empty(1), torch.empty(1),
+                    torch.empty(1, 1, dtype=torch.int32))
+            views = tuple(_dl(b) for b in bufs)
+            wviews = tuple(_dl(b) for b in (self.weight_packed, self.weight_scale,
+                                            self.weight_zero_point, self.weight_sum, self.group_k))
+            aq = actcodes_kernel(fmt.k, kp, fmt.abits, fmt.act_symmetric)
+            st = (key, aq, kernels.kernel(fmt, 1, self.spec)._main, bufs, views, wviews)
+            self.__dict__["_decode_state"] = st
+        _, aq, main, bufs, (xc, sx, zx, sumx), (w, sw, zw, sumw, kg) = st
+        x2 = x.reshape(1, self.fmt.k)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        y = torch.empty(1, self.fmt.n)
+        aq(_dl(x2), xc, sx, zx, sumx)
+        main(xc, w, sx, zx, sumx, sw, zw, sumw, kg, _dl(y))
+        if self.outlier_indices is not None and self.outlier_indices.numel():
+            y += torch.sparse.mm(self._outliers(), _fake_quant_tokens(x2, self.fmt).T).T
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], self.fmt.n).to(x.dtype)
+
+    def _outliers(self) -> Tensor:
+        return torch.sparse_coo_tensor(self.outlier_indices, self.outlier_values, (self.fmt.n, self.fmt.k),
+                                       check_invariants=False, is_coalesced=True)
+
     def codes(self) -> Tensor:
         """The weight's integer codes uint8 [N, K], unpacked from whatever layout it is in."""
         fmt, layout = self.fmt, packing_of(self.fmt.formulation)
@@ -209,6 +250,8 @@ class QuantLinear(nn.Module):
             return unpack_codes(self.weight_packed, fmt.wbits, fmt.k)
         if layout == "bitplanes":
             return P.unpack_bitplanes(self.weight_packed, fmt.k).to(torch.uint8)
+        if layout == "vnni":
+            return unpack_vnni(self.weight_packed, fmt.wbits, fmt.n, fmt.k)
         return P.unpack_nibbles(self.weight_packed, fmt.k).to(torch.uint8)
 
     def dequantized_weight(self) -> Tensor:
