@@ -78,8 +78,8 @@ def child_abqc(n: int, k: int, bits: str, ms: list[int], quick: bool) -> list[di
     out = []
     for m in ms:
         space = candidates(shape, m)
-        if quick:  # unpack's schedules, and one tile size of each integer formulation
-            space = [(f, p) for f, p in space if f == "unpack" or p.get("n_tile") == 16]
+        if quick:  # unpack's and vnni's schedules, one tile size of bitserial and lut
+            space = [(f, p) for f, p in space if f in ("unpack", "vnni") or p.get("n_tile") == 16]
         rec = tune(shape, m, log, space=space)
         out.append({"m": m, "ms": rec["ms"], "formulation": rec["formulation"],
                     "params": rec["params"], "candidates": len(rec["candidates"]),

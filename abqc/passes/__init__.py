@@ -25,7 +25,8 @@ from .smooth import Smooth
 
 
 def _bits(config: CompileConfig) -> list[Pass]:
-    return [BitWidthAssignment(config.bit_budget, config.bit_widths)] if config.bit_budget else []
+    return ([BitWidthAssignment(config.bit_budget, config.bit_widths, sensitivity=config.bit_sensitivity)]
+            if config.bit_budget else [])
 
 
 def _smooth(config: CompileConfig) -> list[Pass]:

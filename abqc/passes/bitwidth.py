@@ -1,12 +1,19 @@
 """BitWidthAssignment: per-linear weight widths under an average-bits budget.
 
-Sensitivity of linear l at width b is measured on calibration data as its output error
-with RTN weights, ``err_l(b) = tr(E Σ Eᵀ)`` (E = W - Ŵ_b, Σ = mean x xᵀ of its
-inputs): what quantizing that layer alone adds to its output. The pass picks widths from
-`widths` minimising ``Σ_l err_l(b_l)`` subject to ``Σ_l size_l cost(b_l) <= budget Σ_l size_l``
-(size = weight count; cost of "2*" = log2(5) bits of information, though it is stored
-in 3): a greedy descent from the widest setting, each step lowering the linear with the
-smallest error increase per bit saved (the usual multiple-choice knapsack heuristic).
+Sensitivity of linear l at width b is the loss increase that quantizing it alone is
+expected to cause, measured on calibration data. Default (``sensitivity="fisher"``): the
+diagonal empirical Fisher of the language-model loss, ``err_l(b) = Σ_ij F_ij (W - Ŵ_b)_ij²``
+with ``F = mean over windows of (∂loss/∂W)²`` (one backward per calibration window): in
+loss units, so layers of different scale and depth compare. ``"output"``: the layer's own
+output error ``tr(E Σ Eᵀ)`` (E = W - Ŵ_b, Σ = mean x xᵀ of its inputs) — cheaper (no
+backward) but blind to how much each layer's output matters downstream; on SmolLM2 it
+picks badly (bench/results/mixed_precision.json). Ŵ_b is RTN at width b.
+
+The pass picks widths from `widths` minimising ``Σ_l err_l(b_l)`` subject to
+``Σ_l size_l cost(b_l) <= budget Σ_l size_l`` (size = weight count; cost of "2*" =
+log2(5) bits of information, though it is stored in 3): a greedy descent from the widest
+setting, each step lowering the linear with the smallest error increase per bit saved
+(the usual multiple-choice knapsack heuristic).
 
 Linears that read the same input (q/k/v; gate/up) quantize that input once, so they
 must share the activation width: groups are the connected components of the
@@ -22,6 +29,7 @@ import math
 
 import networkx as nx
 import torch
+from tqdm import tqdm
 from torch.fx import GraphModule, Interpreter, Node
 
 from ..capture import is_linear, module_path
@@ -56,6 +64,36 @@ class _Grams(Interpreter):
             self.sigma[p] = self.sigma.get(p, 0) + x.T @ x
             self.n[p] = self.n.get(p, 0) + x.shape[0]
         return super().run_node(n)
+
+
+SENSITIVITIES = ("fisher", "output")
+
+
+def _fisher(gm: GraphModule, weights: dict[str, torch.Tensor], windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of the next-token loss for each weight: mean over the
+    calibration windows of the squared gradient (one forward + backward per window)."""
+    params = list(gm.parameters())
+    saved = [q.requires_grad for q in params]
+    fisher = {p: torch.zeros_like(w, dtype=torch.float32) for p, w in weights.items()}
+    try:
+        for q in params:
+            q.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            for i in tqdm(range(len(windows)), desc="bit widths: Fisher", unit="window", leave=False):
+                ids = windows[i:i + 1]
+                logits = gm(ids)
+                loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+                grads = torch.autograd.grad(loss, list(weights.values()))
+                for p, g in zip(weights, grads):
+                    fisher[p] += g.float() ** 2
+    finally:
+        for w in weights.values():
+            w.requires_grad_(False)
+        for q, r in zip(params, saved):
+            q.requires_grad_(r)
+    return {p: f / len(windows) for p, f in fisher.items()}
 
 
 def shared_input_groups(gm: GraphModule, paths: set[str]) -> list[set[str]]:
@@ -95,10 +133,14 @@ def greedy_assign(errors: dict[str, dict], sizes: dict[str, int], budget: float)
 class BitWidthAssignment(Pass):
     """Choose each linear's weight width under an average budget; share act widths per input."""
 
-    def __init__(self, budget: float, widths=(BIT_BALANCE, 3, 4, 6, 8), batch_size: int = 4):
+    def __init__(self, budget: float, widths=(BIT_BALANCE, 3, 4, 6, 8), batch_size: int = 4,
+                 sensitivity: str = "fisher"):
         if not widths:
             raise ConfigError("BitWidthAssignment needs at least one allowed width")
+        if sensitivity not in SENSITIVITIES:
+            raise ConfigError(f"sensitivity={sensitivity!r} is not allowed; use one of {list(SENSITIVITIES)}")
         self.budget, self.widths, self.batch_size = float(budget), tuple(widths), batch_size
+        self.sensitivity = sensitivity
 
     def transform(self, gm: GraphModule) -> GraphModule:
         from .calibrate import calibration_windows
@@ -108,20 +150,25 @@ class BitWidthAssignment(Pass):
         if not lins:
             raise ConfigError("BitWidthAssignment needs annotated linears: run AnnotateQuant first")
         windows = calibration_windows(PassContext.current())
-        grams = _Grams(gm, set(lins))
-        with torch.no_grad():
-            for i in range(0, len(windows), self.batch_size):
-                grams.run(windows[i:i + self.batch_size])
+        weights = {p: get_tensor(gm, n.args[1].target) for p, n in lins.items()}
+        if self.sensitivity == "fisher":
+            weigh = _fisher(gm, weights, windows)
+        else:
+            grams = _Grams(gm, set(lins))
+            with torch.no_grad():
+                for i in range(0, len(windows), self.batch_size):
+                    grams.run(windows[i:i + self.batch_size])
+            weigh = {p: grams.sigma[p] / grams.n[p] for p in lins}
         errors, sizes = {}, {}
         for p, n in lins.items():
             ann = n.meta[ANNOT_KEY]
-            w = get_tensor(gm, n.args[1].target).detach().float()
-            sigma = grams.sigma[p] / grams.n[p]
+            w = weights[p].detach().float()
             errors[p] = {}
             for b in self.widths:
                 codes, s, z = rtn(w, weight_spec(b, ann.weight.symmetric, ann.weight.group_size))
                 e = w - dequantize(codes, s, z)
-                errors[p][b] = float(torch.einsum("ij,jk,ik->", e, sigma, e))
+                errors[p][b] = float((weigh[p] * e * e).sum() if self.sensitivity == "fisher"
+                                     else torch.einsum("ij,jk,ik->", e, weigh[p], e))
             sizes[p] = w.numel()
         choice = greedy_assign(errors, sizes, self.budget)
         for p, n in lins.items():
@@ -134,7 +181,7 @@ class BitWidthAssignment(Pass):
             for p in group:
                 lins[p].meta[ANNOT_KEY] = dataclasses.replace(lins[p].meta[ANNOT_KEY], act=widest)
         avg = sum(sizes[p] * width_cost(choice[p]) for p in choice) / sum(sizes.values())
-        gm.meta[ASSIGN_KEY] = {"budget": self.budget, "average_bits": avg,
+        gm.meta[ASSIGN_KEY] = {"budget": self.budget, "average_bits": avg, "sensitivity": self.sensitivity,
                                "widths": {p: choice[p] for p in lins},
                                "error": sum(errors[p][choice[p]] for p in choice)}
         counts = {b: sum(v == b for v in choice.values()) for b in self.widths}
