@@ -157,7 +157,7 @@ class CompileConfig:
     # mixed precision: per-linear weight widths chosen under this average (BitWidthAssignment)
     bit_budget: float | None = None
     bit_widths: tuple = (BIT_BALANCE, 3, 4, 6, 8)
-    bit_sensitivity: str = "fisher"  # or "output" (see passes/bitwidth.py)
+    bit_sensitivity: str = "fisher"  # or "loss", "output" (see passes/bitwidth.py)
     # capture
     max_seq_len: int | None = None
     # reporting
@@ -180,9 +180,10 @@ class CompileConfig:
             raise ConfigError("bit_widths=() is not allowed; give the widths to choose from, e.g. ('2*', 3, 4)")
         for w in self.bit_widths:
             _check_wbits("bit_widths entry", w)
-        if self.bit_sensitivity not in ("fisher", "output"):
+        if self.bit_sensitivity not in ("fisher", "loss", "output"):
             raise ConfigError(f"bit_sensitivity={self.bit_sensitivity!r} is not allowed; use 'fisher' "
-                              "(loss-weighted, default) or 'output' (layer output error)")
+                              "(loss-weighted, default), 'loss' (measured per linear and width) or "
+                              "'output' (layer output error)")
         from .calibration.abq_options import ABQOptions
         ABQOptions.from_dict(dict(self.abq_options))  # refuse bad ABQ options up front
         _check_group(self.group_size)

@@ -5,7 +5,8 @@
 
 Every entry uses the same calibration windows (default corpus, 16 x 512 tokens) and the
 same weight method; only the widths differ. Widths are chosen by the loss-weighted
-(diagonal Fisher) sensitivity and, for comparison, by each layer's output error. The budget counts the 5-level "2*" grid as
+(diagonal Fisher) sensitivity, by the loss measured with one linear quantized at a time,
+and, for comparison, by each layer's output error. The budget counts the 5-level "2*" grid as
 log2(5) bits (its information), though it is stored in 3; a second mixed entry allows only
 integer widths (2, 3, 4, 6, 8), so its average is also its storage. Both averages are
 reported. Results go to bench/results/mixed_precision.json, rewritten after each entry.
@@ -29,11 +30,12 @@ from frontends import corpus, hf  # noqa: E402
 from machine import machine_info  # noqa: E402
 
 ENTRIES = {"uniform W3": {}}
-for _sens in ("fisher", "output"):
+for _sens in ("fisher", "loss"):
     for _name, _widths in (("{2*,3,4,6,8}", (BIT_BALANCE, 3, 4, 6, 8)), ("{2,3,4,6,8}", (2, 3, 4, 6, 8))):
         ENTRIES[f"mixed 3.0 {_name} {_sens}"] = {"bit_budget": 3.0, "bit_widths": _widths,
                                                  "bit_sensitivity": _sens}
-
+ENTRIES["mixed 3.0 {2,3,4,6,8} output"] = {"bit_budget": 3.0, "bit_widths": (2, 3, 4, 6, 8),
+                                           "bit_sensitivity": "output"}
 
 def stored_bits(w) -> int:
     return 3 if w == BIT_BALANCE else int(w)

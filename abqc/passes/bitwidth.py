@@ -4,7 +4,9 @@ Sensitivity of linear l at width b is the loss increase that quantizing it alone
 expected to cause, measured on calibration data. Default (``sensitivity="fisher"``): the
 diagonal empirical Fisher of the language-model loss, ``err_l(b) = Σ_ij F_ij (W - Ŵ_b)_ij²``
 with ``F = mean over windows of (∂loss/∂W)²`` (one backward per calibration window): in
-loss units, so layers of different scale and depth compare. ``"output"``: the layer's own
+loss units, so layers of different scale and depth compare. ``"loss"``: the loss increase
+measured with that one linear quantized (a forward per linear and width, on the first
+`loss_windows` windows): no model of the loss, at the price of many forwards. ``"output"``: the layer's own
 output error ``tr(E Σ Eᵀ)`` (E = W - Ŵ_b, Σ = mean x xᵀ of its inputs) — cheaper (no
 backward) but blind to how much each layer's output matters downstream; on SmolLM2 it
 picks badly (bench/results/mixed_precision.json). Ŵ_b is RTN at width b.
@@ -66,7 +68,35 @@ class _Grams(Interpreter):
         return super().run_node(n)
 
 
-SENSITIVITIES = ("fisher", "output")
+SENSITIVITIES = ("fisher", "loss", "output")
+
+
+def _rtn_weight(w: torch.Tensor, b, ann) -> torch.Tensor:
+    codes, s, z = rtn(w, weight_spec(b, ann.weight.symmetric, ann.weight.group_size))
+    return dequantize(codes, s, z)
+
+
+def _measured_losses(gm: GraphModule, lins: dict[str, Node], weights: dict[str, torch.Tensor],
+                     widths, windows: torch.Tensor) -> dict[str, dict]:
+    """Loss increase on `windows` with one linear at a time quantized (RTN) at each width:
+    sensitivity measured, not modelled (len(lins) x len(widths) forward passes)."""
+    def loss() -> float:
+        logits = gm(windows)
+        return float(torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), windows[:, 1:].reshape(-1)))
+
+    out: dict[str, dict] = {}
+    with torch.no_grad():
+        base = loss()
+        for p in tqdm(lins, desc="bit widths: measured loss", unit="linear", leave=False):
+            w = weights[p]
+            orig = w.detach().clone()
+            out[p] = {}
+            for b in widths:
+                w.copy_(_rtn_weight(orig.float(), b, lins[p].meta[ANNOT_KEY]).to(w.dtype))
+                out[p][b] = loss() - base
+            w.copy_(orig)
+    return out
 
 
 def _fisher(gm: GraphModule, weights: dict[str, torch.Tensor], windows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -134,13 +164,13 @@ class BitWidthAssignment(Pass):
     """Choose each linear's weight width under an average budget; share act widths per input."""
 
     def __init__(self, budget: float, widths=(BIT_BALANCE, 3, 4, 6, 8), batch_size: int = 4,
-                 sensitivity: str = "fisher"):
+                 sensitivity: str = "fisher", loss_windows: int = 2):
         if not widths:
             raise ConfigError("BitWidthAssignment needs at least one allowed width")
         if sensitivity not in SENSITIVITIES:
             raise ConfigError(f"sensitivity={sensitivity!r} is not allowed; use one of {list(SENSITIVITIES)}")
         self.budget, self.widths, self.batch_size = float(budget), tuple(widths), batch_size
-        self.sensitivity = sensitivity
+        self.sensitivity, self.loss_windows = sensitivity, loss_windows
 
     def transform(self, gm: GraphModule) -> GraphModule:
         from .calibrate import calibration_windows
@@ -153,23 +183,27 @@ class BitWidthAssignment(Pass):
         weights = {p: get_tensor(gm, n.args[1].target) for p, n in lins.items()}
         if self.sensitivity == "fisher":
             weigh = _fisher(gm, weights, windows)
-        else:
+        elif self.sensitivity == "output":
             grams = _Grams(gm, set(lins))
             with torch.no_grad():
                 for i in range(0, len(windows), self.batch_size):
                     grams.run(windows[i:i + self.batch_size])
             weigh = {p: grams.sigma[p] / grams.n[p] for p in lins}
         errors, sizes = {}, {}
+        measured = _measured_losses(gm, lins, weights, self.widths, windows[:self.loss_windows]) \
+            if self.sensitivity == "loss" else None
         for p, n in lins.items():
             ann = n.meta[ANNOT_KEY]
             w = weights[p].detach().float()
+            sizes[p] = w.numel()
+            if measured is not None:
+                errors[p] = measured[p]
+                continue
             errors[p] = {}
             for b in self.widths:
-                codes, s, z = rtn(w, weight_spec(b, ann.weight.symmetric, ann.weight.group_size))
-                e = w - dequantize(codes, s, z)
+                e = w - _rtn_weight(w, b, ann)
                 errors[p][b] = float((weigh[p] * e * e).sum() if self.sensitivity == "fisher"
                                      else torch.einsum("ij,jk,ik->", e, weigh[p], e))
-            sizes[p] = w.numel()
         choice = greedy_assign(errors, sizes, self.budget)
         for p, n in lins.items():
             ann = n.meta[ANNOT_KEY]
