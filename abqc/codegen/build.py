@@ -39,8 +39,8 @@ def build(formulation: str, shape: KernelShape, params: dict[str, Any], target=N
             raise RuntimeError("the vnni formulation needs a CPU with AVX-512 VNNI (avx512_vnni, "
                                "avx512bw), which this one lacks; re-compile the model here so its "
                                "weights are packed for another formulation")
-        nt = {**VNNI_DEFAULT, **params}["n_tile"]
-        funcs = {name: vnni(shape, name == "main", nt) for name in functions}
+        p = {**VNNI_DEFAULT, **params}
+        funcs = {name: vnni(shape, name == "main", p["n_tile"], p["chains"]) for name in functions}
     elif formulation not in COMPUTES:
         raise ValueError(f"formulation={formulation!r} is not one of {sorted(COMPUTES) + ['unpack', 'vnni']}")
     else:

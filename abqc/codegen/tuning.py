@@ -80,7 +80,7 @@ def candidates(shape: KernelShape, m: int) -> list[tuple[str, dict[str, Any]]]:
     forms = WO_FORMULATIONS if shape.abits == 16 else FORMULATIONS
     out = [("unpack", p) for p in unpack_candidates(m)]
     if vnni_fits(shape):
-        out += [("vnni", {"n_tile": t}) for t in VNNI_TILES]
+        out += [("vnni", {"n_tile": t, "chains": c}) for t in VNNI_TILES for c in (1, 2)]
     for form in forms:
         for order in ORDERS:
             if order == "bits_inner" and form.endswith("lut"):

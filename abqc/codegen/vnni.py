@@ -16,20 +16,22 @@ stored as ``code - 128`` and the kernel adds ``128 * Σx`` back, so the accumula
 always the exact ``Σ_k xq[m, k] wq[n, k]``. The epilogue is the integer formulations'
 (float64, then float32).
 
-Schedule parameter: ``n_tile`` (rows sharing each activation load; accumulators stay in
-registers), tiles run in parallel.
+Schedule parameters: ``n_tile`` (rows per tile, one vector store), ``chains`` (independent
+accumulators per row); tiles run in parallel.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
-from tvm.script import tirx as T
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
 
 from .compute import KernelShape
 
 NP_ALIGN = 16  # rows are padded to a multiple of this (every n_tile divides it)
-VNNI_DEFAULT = {"n_tile": 8}
+VNNI_DEFAULT = {"n_tile": 8, "chains": 1}
 N_TILES = (4, 8, 16)
 
 
@@ -90,8 +92,26 @@ def unpack_vnni(packed: torch.Tensor, wbits: int, n: int, k: int) -> torch.Tenso
     return codes.reshape(n, -1)[:, :k].to(torch.uint8)
 
 
-def vnni(shape: KernelShape, with_epilogue: bool = True, n_tile: int = VNNI_DEFAULT["n_tile"]):
-    """``acc`` [M, N, 1] int32 (exact), or ``main``: the accumulator and the epilogue."""
+def _dot(acc, xv, wv):
+    """acc[16 x i32] += 4-way sums of xv[64 x u8] * wv[64 x s8] (one vpdpbusd)."""
+    return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, xv, wv)
+
+
+def _bcast(value, lanes: int):
+    return value if lanes == 1 else tirx.Broadcast(value, lanes)
+
+
+def vnni(shape: KernelShape, with_epilogue: bool = True, n_tile: int = VNNI_DEFAULT["n_tile"],
+         chains: int = 1):
+    """``acc`` [M, N, 1] int32 (exact), or ``main``: the accumulator and the epilogue.
+
+    Built with TVM's IR builder rather than TVMScript: each tile's whole K reduction is one
+    expression (nested ``vpdpbusd`` calls, `chains` independent ones per row), so the
+    accumulators live in registers. A buffer-held accumulator is stored back after every
+    instruction (the parallel body cannot prove it does not alias the inputs): 2x slower.
+    ``main``'s full tiles store `n_tile` outputs as one vector, the last, partial tile (and
+    ``acc``, a test aid) row by row.
+    """
     if shape.group_size or shape.abits > 8:
         raise ValueError(f"vnni takes per-channel weights and abits <= 8, got group_size="
                          f"{shape.group_size}, abits={shape.abits}")
@@ -101,87 +121,107 @@ def vnni(shape: KernelShape, with_epilogue: bool = True, n_tile: int = VNNI_DEFA
     sb = storage_bits(wbits)
     per, kp = 8 // sb, vnni_kp(shape.k, wbits)
     bcodes, np_ = block_codes(wbits), padded_n(n)
-    nblocks = kp // bcodes
-    tiles, nt = np_ // n_tile, n_tile
-    signed8 = wbits == 8
+    nblocks, nt = kp // bcodes, n_tile
     mask = (1 << sb) - 1
+    off = 128 if wbits == 8 else 0  # 8-bit codes are stored minus 128: add 128 * Σx back
 
-    def dot(acc, xv, wv):
-        return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, xv, wv)
+    def xvec(X, m, b, t):
+        return X[m, tirx.Ramp(b * bcodes + t * 64, 1, 64)]
 
-    # The two prim funcs share the accumulation (TVMScript cannot call a helper body), so
-    # it is written once as a Python macro.
-    @T.macro
-    def accumulate(X, W, m, no, accv):
-        for r in T.unroll(nt):
-            accv[T.ramp(r * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+    def row_acc(X, W, m, row):
+        """Σ_k x[m, k] w_stored[row, k] as an int32 expression."""
+        accs = [tirx.Broadcast(tirx.const(0, "int32"), 16) for _ in range(chains)]
+        step = 0
         for b in range(nblocks):
-            for t in T.unroll(per):  # (8-bit codes: per = 1, shift 0, mask 0xFF: no decoding)
-                for r in T.unroll(nt):
-                    accv[T.ramp(r * 16, 1, 16)] = dot(
-                        accv[T.ramp(r * 16, 1, 16)], X[m, T.ramp(b * bcodes + t * 64, 1, 64)],
-                        (W[no * nt + r, b, T.ramp(0, 1, 64)] >> T.broadcast(T.uint8(t * sb), 64))
-                        & T.broadcast(T.uint8(mask), 64))
+            wv = W[row, b, tirx.Ramp(0, 1, 64)]
+            for t in range(per):
+                wt = wv if sb == 8 else (wv >> tirx.Broadcast(tirx.const(t * sb, "uint8"), 64)) \
+                    & tirx.Broadcast(tirx.const(mask, "uint8"), 64)
+                accs[step % chains] = _dot(accs[step % chains], xvec(X, m, b, t), wt)
+                step += 1
+        acc = accs[0]
+        for a in accs[1:]:
+            acc = acc + a
+        total = tirx.Shuffle([acc], [0])
+        for lane in range(1, 16):
+            total = total + tirx.Shuffle([acc], [lane])
+        return total
 
-    @T.macro
-    def lane_sum(accv, r, out):
-        out[0] = 0
-        for lane in T.unroll(16):
-            out[0] = out[0] + accv[r * 16 + lane]
+    def x_sum(X, m):
+        """Σ_k x[m, k] (for the 8-bit offset in ``acc``; ``main`` is given it)."""
+        ones = tirx.Broadcast(tirx.const(1, "uint8"), 64)
+        acc = tirx.Broadcast(tirx.const(0, "int32"), 16)
+        for b in range(nblocks):
+            acc = _dot(acc, xvec(X, m, b, 0), ones)
+        total = tirx.Shuffle([acc], [0])
+        for lane in range(1, 16):
+            total = total + tirx.Shuffle([acc], [lane])
+        return total
 
-    sum_k = kp if signed8 else 0
-    off = 128 if signed8 else 0  # 8-bit codes are stored minus 128: add 128 * Σx back
+    def tile_acc(X, W, m, no):
+        return tirx.Shuffle([row_acc(X, W, m, no * nt + r) for r in range(nt)], list(range(nt)))
 
-    @T.prim_func
-    def acc_fn(x: T.handle, w: T.handle, c: T.handle):
-        T.func_attr({"tir.noalias": True})
-        M = T.int32()
-        X = T.match_buffer(x, (M, kp), "uint8")
-        W = T.match_buffer(w, (np_, nblocks, 64), "uint8")
-        C = T.match_buffer(c, (M, n, 1), "int32")
-        for no in T.parallel(tiles):
-            for m in range(M):
-                accv = T.alloc_buffer((nt * 16,), "int32", scope="local")
-                tot = T.alloc_buffer((1,), "int32", scope="local")
-                xs = T.alloc_buffer((1,), "int32", scope="local")
-                xs[0] = 0
-                for kk in range(sum_k):  # Σx, for the 8-bit offset only
-                    xs[0] = xs[0] + T.Cast("int32", X[m, kk])
-                accumulate(X, W, m, no, accv)
-                for r in range(nt):
-                    if no * nt + r < n:
-                        lane_sum(accv, r, tot)
-                        C[m, no * nt + r, 0] = tot[0] + off * xs[0]
+    def rows(lanes, no, r=0):
+        return tirx.Ramp(no * nt, 1, lanes) if lanes > 1 else no * nt + r
 
-    @T.prim_func
-    def main_fn(x: T.handle, w: T.handle, sx_: T.handle, zx_: T.handle, sumx_: T.handle,
-                sw_: T.handle, zw_: T.handle, sumw_: T.handle, kg_: T.handle, y_: T.handle):
-        T.func_attr({"tir.noalias": True})
-        M = T.int32()
-        X = T.match_buffer(x, (M, kp), "uint8")
-        W = T.match_buffer(w, (np_, nblocks, 64), "uint8")
-        SX = T.match_buffer(sx_, (M,), "float32")
-        ZX = T.match_buffer(zx_, (M,), "float32")
-        SUMX = T.match_buffer(sumx_, (M, 1), "int32")
-        SW = T.match_buffer(sw_, (n, 1), "float32")
-        ZW = T.match_buffer(zw_, (n, 1), "float32")
-        SUMW = T.match_buffer(sumw_, (n, 1), "int32")
-        KG = T.match_buffer(kg_, (1,), "float32")
-        Y = T.match_buffer(y_, (M, n), "float32")
-        for no in T.parallel(tiles):
-            for m in range(M):
-                accv = T.alloc_buffer((nt * 16,), "int32", scope="local")
-                tot = T.alloc_buffer((1,), "int32", scope="local")
-                accumulate(X, W, m, no, accv)
-                for r in range(nt):
-                    if no * nt + r < n:
-                        lane_sum(accv, r, tot)
-                        j = no * nt + r
-                        acc = T.Cast("float64", tot[0] + off * SUMX[m, 0])
-                        y64 = T.Cast("float64", SW[j, 0]) * (
-                            acc - T.Cast("float64", ZW[j, 0]) * T.Cast("float64", SUMX[m, 0])
-                            - T.Cast("float64", ZX[m]) * T.Cast("float64", SUMW[j, 0])
-                            + T.Cast("float64", KG[0]) * T.Cast("float64", ZX[m]) * T.Cast("float64", ZW[j, 0]))
-                        Y[m, j] = T.Cast("float32", T.Cast("float64", SX[m]) * y64)
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name("main" if with_epilogue else "acc")
+            T.func_attr({"tir.noalias": True})
+            names = ("x", "w", "sx", "zx", "sumx", "sw", "zw", "sumw", "kg", "y") if with_epilogue \
+                else ("x", "w", "c")
+            handles = {name: T.arg(name, T.handle()) for name in names}
+            M = T.int32()
+            X = T.match_buffer(handles["x"], (M, kp), "uint8")
+            W = T.match_buffer(handles["w"], (np_, nblocks, 64), "uint8")
+            if with_epilogue:
+                SX = T.match_buffer(handles["sx"], (M,), "float32")
+                ZX = T.match_buffer(handles["zx"], (M,), "float32")
+                SUMX = T.match_buffer(handles["sumx"], (M, 1), "int32")
+                SW = T.match_buffer(handles["sw"], (n, 1), "float32")
+                ZW = T.match_buffer(handles["zw"], (n, 1), "float32")
+                SUMW = T.match_buffer(handles["sumw"], (n, 1), "int32")
+                KG = T.match_buffer(handles["kg"], (1,), "float32")
+                OUT = T.match_buffer(handles["y"], (M, n), "float32")
+            else:
+                OUT = T.match_buffer(handles["c"], (M, n, 1), "int32")
 
-    return main_fn if with_epilogue else acc_fn
+            def result(m, no, acc, lanes, r=0):
+                """The value stored for rows `rows(lanes, no, r)`: acc (+ the 8-bit offset), or
+                the epilogue ``s_x s_w (acc - z_w Σx - z_x Σw + K z_x z_w)`` in float64."""
+                if not with_epilogue:
+                    return acc + _bcast(off * x_sum(X, m), lanes) if off else acc
+                f64 = "float64" if lanes == 1 else f"float64x{lanes}"
+
+                def c64(e, bc=False):
+                    return tirx.Cast(f64, _bcast(e, lanes) if bc else e)
+                acc64 = c64(acc + _bcast(off * SUMX[m, 0], lanes) if off else acc)
+                def per_row(buf):  # [n, 1] buffers: a vector load is not allowed on the first axis
+                    if lanes == 1:
+                        return buf[no * nt + r, 0]
+                    return tirx.Shuffle([buf[no * nt + i, 0] for i in range(lanes)], list(range(lanes)))
+                sw, zw, sumw = per_row(SW), per_row(ZW), per_row(SUMW)
+                y64 = c64(sw) * (acc64 - c64(zw) * c64(SUMX[m, 0], True) - c64(ZX[m], True) * c64(sumw)
+                                 + c64(KG[0], True) * c64(ZX[m], True) * c64(zw))
+                return tirx.Cast("float32" if lanes == 1 else f"float32x{lanes}", c64(SX[m], True) * y64)
+
+            def store(m, j, value):
+                T.buffer_store(OUT, value, [m, j] if with_epilogue else [m, j, 0])
+
+            with T.parallel(0, np_ // nt) as no:
+                with T.serial(0, M) as m:
+                    def by_row():
+                        for r in range(nt):
+                            with T.If(no * nt + r < n):
+                                with T.Then():
+                                    store(m, no * nt + r, result(m, no, row_acc(X, W, m, no * nt + r), 1, r))
+
+                    if not with_epilogue:  # (``acc`` [M, N, 1] cannot take a vector store on N)
+                        by_row()
+                    else:
+                        with T.If(no * nt + nt <= n):
+                            with T.Then():
+                                store(m, rows(nt, no), result(m, no, tile_acc(X, W, m, no), nt))
+                            with T.Else():
+                                by_row()
+    return ib.get()
