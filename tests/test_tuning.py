@@ -100,3 +100,11 @@ def test_corrupt_log_lines_are_skipped_with_a_warning(cache, caplog):
     with caplog.at_level("WARNING", logger="abqc"):
         log = tuning.TuningLog()
     assert set(log.records) == {"a"} and "line 2" in caplog.text
+
+
+def test_kernel_cache_is_keyed_by_the_code_generator(monkeypatch):
+    """A kernel compiled by other code generator sources is not loaded from the disk cache."""
+    before = tuning._kernel_path("k", "vnni", {"n_tile": 8})
+    assert before == tuning._kernel_path("k", "vnni", {"n_tile": 8})
+    monkeypatch.setattr(tuning, "codegen_fingerprint", lambda: "edited")
+    assert tuning._kernel_path("k", "vnni", {"n_tile": 8}) != before

@@ -9,6 +9,7 @@ under ``<cache>/kernels/`` so a second run compiles nothing.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -118,8 +119,17 @@ def measure(kernel: Kernel, m: int, min_seconds: float = 0.05) -> float:
     return float(np.median(f(*dl).results) * 1e3)
 
 
+@functools.lru_cache(maxsize=1)
+def codegen_fingerprint() -> str:
+    """A hash of the code generator's sources: a cached kernel built by other code is never loaded."""
+    h = hashlib.sha1()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _kernel_path(key: str, formulation: str, params: dict) -> Path:
-    digest = hashlib.sha1(json.dumps([key, formulation, params, tvm.__version__],
+    digest = hashlib.sha1(json.dumps([key, formulation, params, tvm.__version__, codegen_fingerprint()],
                                      sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir("kernels") / f"{digest}.so"
 
