@@ -74,3 +74,15 @@ def test_groups_and_unaligned_groups(tiny_models, ids):
 def test_bad_backend_is_refused():
     with pytest.raises(abqc.ConfigError, match="backend='tvm'.*kernels"):
         CompileConfig(backend="tvm")
+
+
+def test_tied_lm_head_stays_off_the_kernels_with_its_reason(ids):
+    """lm_head tied to the embedding: its module also holds the embedding's float weight, so
+    the packed module cannot replace it; it stays a fake-quant linear and the IR says why."""
+    from frontends.tiny import tiny_model
+
+    m = tiny_model("llama", tie_word_embeddings=True)
+    cm = abqc.compile(m, wbits=4, abits=8, exclude=())
+    assert "tied weights" in cm.graph_module.meta["abqc.float_linears"]["lm_head"]
+    ref = abqc.compile(m, wbits=4, abits=8, exclude=(), backend="fake_quant")
+    torch.testing.assert_close(cm(ids).logits, ref(ids).logits, rtol=1e-3, atol=1e-3)

@@ -142,6 +142,14 @@ class LowerToKernels(Pass):
         qmod = QuantLinear.from_codes(fmt, codes, scale, zero, _attr(gm, bias), outliers)
         prefix = w.args[0].target.rpartition(".")[0] if w.target is OPS.dequantize.default \
             else w.args[0].args[0].target.rpartition(".")[0]
+        # the packed module will replace the container of codes, grid and bias: nothing else
+        # may live there (a tied embedding keeps its float weight beside lm_head's codes)
+        ours = set(wdrop) | {w, lin}
+        for n in gm.graph.nodes:
+            if n.op == "get_attr" and n.target.startswith(prefix + ".") and \
+                    any(u not in ours for u in n.users):
+                raise NotLowerable(f"{n.target} in the same module is also read elsewhere (tied "
+                                   "weights, e.g. lm_head and the embedding)")
         # the qlinear node takes the linear's place; what only the linear read goes; then the
         # packed module replaces the container that held codes, grid and bias
         parent, name = owner_and_name(gm, prefix)
