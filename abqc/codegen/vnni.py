@@ -65,6 +65,11 @@ def padded_n(n: int) -> int:
     return -(-n // NP_ALIGN) * NP_ALIGN
 
 
+def packed_shape(n: int, k: int, wbits: int) -> tuple[int, int, int]:
+    """The weight layout's shape [NP, KB, 64]."""
+    return padded_n(n), vnni_kp(k, wbits) // block_codes(wbits), 64
+
+
 def pack_vnni(codes: torch.Tensor, wbits: int) -> torch.Tensor:
     """uint8 codes [N, K] -> uint8 [NP, KB, 64] (see the module docstring)."""
     n, k = codes.shape
@@ -75,8 +80,8 @@ def pack_vnni(codes: torch.Tensor, wbits: int) -> torch.Tensor:
     if wbits == 8:
         full[:n] -= 128  # the signed operand; pad rows stay 0 (never read into outputs)
         full[:n, k:] = 0
-        return (full & 0xFF).to(torch.uint8).view(full.shape[0], kp // 64, 64)
-    blocks = full.view(full.shape[0], kp // (64 * per), per, 64)
+        return (full & 0xFF).to(torch.uint8).view(packed_shape(n, k, wbits))
+    blocks = full.view(packed_shape(n, k, wbits)[:2] + (per, 64))
     shifts = (torch.arange(per, dtype=torch.int32) * sb).view(1, 1, per, 1)
     return (blocks << shifts).sum(2).to(torch.uint8)
 
@@ -174,7 +179,7 @@ def vnni(shape: KernelShape, with_epilogue: bool = True, n_tile: int = VNNI_DEFA
             handles = {name: T.arg(name, T.handle()) for name in names}
             M = T.int32()
             X = T.match_buffer(handles["x"], (M, kp), "uint8")
-            W = T.match_buffer(handles["w"], (np_, nblocks, 64), "uint8")
+            W = T.match_buffer(handles["w"], packed_shape(n, shape.k, wbits), "uint8")
             if with_epilogue:
                 SX = T.match_buffer(handles["sx"], (M,), "float32")
                 ZX = T.match_buffer(handles["zx"], (M,), "float32")

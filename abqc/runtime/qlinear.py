@@ -18,7 +18,7 @@ from ..codegen.compute import packing_of
 from ..codegen.actquant import actcodes_kernel, actquant_kernel
 from ..codegen.kernel import PackedWeight, _dl, pack_weight
 from ..codegen.unpack import code_words, unpack_codes
-from ..codegen.vnni import block_codes, padded_n, unpack_vnni, vnni_kp
+from ..codegen.vnni import packed_shape, unpack_vnni, vnni_kp
 from ..quantizer import compute_qparams
 from . import kernels
 from .format import QuantFormat
@@ -55,9 +55,7 @@ def qlinear_impl(x: Tensor, weight_packed: Tensor, weight_scale: Tensor, weight_
         if outlier_indices is not None and outlier_indices.numel():
             if xa is None:
                 xa = x2 if fmt.weight_only else _fake_quant_tokens(x2, fmt)
-            h = torch.sparse_coo_tensor(outlier_indices, outlier_values, (fmt.n, fmt.k),
-                                        check_invariants=False, is_coalesced=True)
-            y += torch.sparse.mm(h, xa.T).T
+            y += torch.sparse.mm(_outlier_matrix(outlier_indices, outlier_values, fmt), xa.T).T
     if bias is not None:
         y += bias.float()
     return y.view(*lead, fmt.n).to(x.dtype)
@@ -85,6 +83,12 @@ def _run_unpack(kern, fmt: QuantFormat, x2: Tensor, packed: Tensor, scale: Tenso
 def _(x, weight_packed, weight_scale, weight_zero_point, weight_sum, group_k, bias,
       outlier_indices, outlier_values, spec):
     return x.new_empty(*x.shape[:-1], _format(spec).n)
+
+
+def _outlier_matrix(indices: Tensor, values: Tensor, fmt: QuantFormat) -> Tensor:
+    """The sparse full-precision outliers H [N, K] beside the packed weight."""
+    return torch.sparse_coo_tensor(indices, values, (fmt.n, fmt.k), check_invariants=False,
+                                   is_coalesced=True)
 
 
 def _fake_quant_tokens(x: Tensor, fmt: QuantFormat) -> Tensor:
@@ -120,8 +124,7 @@ class QuantLinear(nn.Module):
         elif layout == "codes":
             packed = torch.zeros(code_words(s.kp, fmt.wbits), fmt.n, dtype=torch.int32)
         elif layout == "vnni":
-            packed = torch.zeros(padded_n(fmt.n), vnni_kp(fmt.k, fmt.wbits) // block_codes(fmt.wbits), 64,
-                                 dtype=torch.uint8)
+            packed = torch.zeros(packed_shape(fmt.n, fmt.k, fmt.wbits), dtype=torch.uint8)
         else:
             packed = torch.zeros(fmt.wbits, fmt.n, s.kp // P.TABLE_GROUP, dtype=torch.uint8)
         self.register_buffer("weight_packed", packed)
@@ -201,10 +204,7 @@ class QuantLinear(nn.Module):
         aq(_dl(x2), xq_t, xs_t, 1)
         main(xq_t, w_t, s_t, z_t, xs_t, _dl(y), 1)
         if self.outlier_indices is not None and self.outlier_indices.numel():
-            h = torch.sparse_coo_tensor(self.outlier_indices, self.outlier_values,
-                                        (self.fmt.n, self.fmt.k), check_invariants=False,
-                                        is_coalesced=True)
-            y += torch.sparse.mm(h, xq[:, :self.fmt.k].T).T
+            y += torch.sparse.mm(self._outliers(), xq[:, :self.fmt.k].T).T
         if self.bias is not None:
             y += self.bias
         return y.view(*x.shape[:-1], self.fmt.n).to(x.dtype)
@@ -240,8 +240,7 @@ class QuantLinear(nn.Module):
         return y.view(*x.shape[:-1], self.fmt.n).to(x.dtype)
 
     def _outliers(self) -> Tensor:
-        return torch.sparse_coo_tensor(self.outlier_indices, self.outlier_values, (self.fmt.n, self.fmt.k),
-                                       check_invariants=False, is_coalesced=True)
+        return _outlier_matrix(self.outlier_indices, self.outlier_values, self.fmt)
 
     def codes(self) -> Tensor:
         """The weight's integer codes uint8 [N, K], unpacked from whatever layout it is in."""
@@ -302,9 +301,7 @@ class QuantLinear(nn.Module):
         if self.outlier_indices is not None and self.outlier_indices.numel():
             if xa is None:
                 xa = _fake_quant_tokens(x2, fmt)
-            h = torch.sparse_coo_tensor(self.outlier_indices, self.outlier_values, (fmt.n, fmt.k),
-                                        check_invariants=False, is_coalesced=True)
-            y = y + torch.sparse.mm(h, xa.T).T
+            y = y + torch.sparse.mm(self._outliers(), xa.T).T
         if self.bias is not None:
             y = y + self.bias.float()
         return y.reshape(*x.shape[:-1], fmt.n).to(x.dtype)
