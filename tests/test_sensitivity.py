@@ -152,6 +152,8 @@ def test_bit_budget_option_compiles_mixed_precision(tiny_models, calib):
         abqc.compile(tiny_models["llama"], bit_budget=0.5, calib=calib)
     with pytest.raises(abqc.ConfigError, match="bit_widths entry=5.5"):
         abqc.compile(tiny_models["llama"], bit_budget=3.0, bit_widths=(3, 5.5), calib=calib)
+    with pytest.raises(abqc.ConfigError, match="bit_sensitivity='hessian'"):
+        abqc.compile(tiny_models["llama"], bit_budget=3.0, bit_sensitivity="hessian", calib=calib)
     cm = abqc.compile(tiny_models["llama"], wbits=4, bit_budget=3.0, bit_widths=(2, 3, 4), calib=calib)
     bits = {a.weight.bits for a in cm.annotations.values() if a}
     assert len(bits) > 1 and bits <= {2, 3, 4}
