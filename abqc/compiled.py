@@ -49,6 +49,17 @@ class CompiledModel(nn.Module):
         self._check_tree_is_whole("generate")
         return self.hf_model.generate(*args, **kwargs)
 
+    def fake_quant_model(self) -> nn.Module:
+        """The transformers tree with each kernel-backed linear replaced by a torch module
+        computing the same fake-quant function (`abqc.runtime.reference.FakeQuantLinear`):
+        rounded as the integer kernels round, so logits and greedy tokens match them bit for
+        bit. A check of the kernels, and a way to run the model where they cannot."""
+        if self.hf_model is None:
+            raise RuntimeError("this CompiledModel has no transformers model tree "
+                               "(backend='fake_quant' keeps only the graph)")
+        from .runtime.reference import fake_quant_model
+        return fake_quant_model(self.hf_model)
+
     def _check_tree_is_whole(self, what: str) -> None:
         """The transformers tree carries the quantized linears, not graph-only rewrites."""
         if getattr(self.config, "kv_bits", 16) != 16:

@@ -75,7 +75,7 @@ def run_one(args) -> dict:
     t0 = time.perf_counter()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     cm = abqc.compile(model, wbits=wbits, abits=abits, tokenizer=tok, nsamples=args.nsamples,
-                      seqlen=args.calib_seqlen, **options)
+                      seqlen=args.calib_seqlen, tune=False, **options)  # time calibration, not tuning
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     compile_s = time.perf_counter() - t0
     r = abqc.eval.perplexity_of_windows(cm, windows, desc=args.one)

@@ -65,11 +65,16 @@ def test_kernels_match_fake_quant_generate_and_round_trip(smollm2, tmp_path):
     assert abs(p_k / p_f - 1) < 0.01, (p_k, p_f)
     prompt = tok("The Python standard library", return_tensors="pt").input_ids
     out = cm.generate(prompt, max_new_tokens=32, do_sample=False)
-    # Teacher-forced on the generated tokens, the captured graph on the same kernels and the
-    # fake-quant graph pick the generated next token almost everywhere. A free-running greedy
-    # continuation is not token-identical: float32 accumulation order differs between the M
-    # buckets and from the fake-quant matmul, and with 8-bit activations a 1-ulp difference
-    # can move a code across a rounding boundary (see the README, "Exactness").
+    # the fake-quant modules (torch, rounding as the integer kernels round) give the same
+    # 32 greedy tokens and the same logits, bit for bit
+    fq = cm.fake_quant_model()
+    assert torch.equal(fq.generate(prompt, max_new_tokens=32, do_sample=False), out)
+    with torch.no_grad():
+        assert torch.equal(fq(ids[:1]).logits, cm.hf_model(ids[:1]).logits)
+    # The fake-quant *graph* computes F.linear in float32, in an order of its own, so a
+    # free-running greedy continuation is not token-identical to it: with 8-bit activations
+    # a 1-ulp difference can move a code across a rounding boundary (README, "Exactness").
+    # Teacher-forced on the generated tokens, it picks the same next token almost everywhere.
     gen = out[0, prompt.shape[1]:]
     with torch.no_grad():
         for graph in (cm, ref):

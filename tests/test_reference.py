@@ -1,0 +1,68 @@
+"""FakeQuantLinear rounds as the integer kernels do: bit-identical layers, logits and tokens."""
+import pytest
+import torch
+
+import abqc
+from abqc.codegen.vnni import vnni_supported
+from abqc.runtime.format import QuantFormat
+from abqc.runtime.qlinear import QuantLinear
+from abqc.runtime.reference import FakeQuantLinear
+
+INTEGER = ["bitserial", "lut"] + (["vnni"] if vnni_supported() else [])
+
+
+def _layer(fmt: QuantFormat, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    groups = 1 if not fmt.group_size else -(-fmt.k // fmt.group_size)
+    qmax = (1 << fmt.wbits) - 1
+    codes = torch.randint(0, qmax + 1, (fmt.n, fmt.k), generator=g, dtype=torch.uint8)
+    scale = torch.rand(fmt.n, groups, generator=g) * 0.01 + 1e-3
+    zero = torch.randint(0, qmax + 1, (fmt.n, groups), generator=g).float()
+    bias = torch.randn(fmt.n, generator=g)
+    return QuantLinear.from_codes(fmt, codes, scale, zero, bias=bias)
+
+
+@pytest.mark.parametrize("formulation", INTEGER)
+@pytest.mark.parametrize("wbits,abits,group_size,sym", [
+    (3, 8, 0, False), (4, 4, 0, True), (2, 1, 0, False), (8, 8, 0, False), (3, 8, 64, False)])
+def test_layer_is_bit_identical_to_the_integer_kernels(formulation, wbits, abits, group_size, sym):
+    if formulation == "vnni" and group_size:
+        pytest.skip("vnni takes per-channel weights")
+    fmt = QuantFormat(96, 200, wbits, abits, group_size, sym, formulation)
+    q = _layer(fmt)
+    x = torch.randn(17, 200) * torch.linspace(0.1, 8, 200)  # uneven channels, as in LLMs
+    y_kernel, y_ref = q(x), FakeQuantLinear(q)(x)
+    assert torch.equal(y_kernel, y_ref), (y_kernel - y_ref).abs().max()
+    assert torch.equal(q(x[:1]), FakeQuantLinear(q)(x[:1]))  # the one-token decode path too
+
+
+def test_float_accumulating_kernels_agree_to_float32_rounding():
+    """`unpack` sums dequantized values in float32 (its own order): close, not identical."""
+    fmt = QuantFormat(96, 200, 3, 8, 64, False, "unpack")
+    q = _layer(fmt)
+    x = torch.randn(5, 200)
+    torch.testing.assert_close(q(x), FakeQuantLinear(q)(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("wbits,abits", [(4, 8), (4, 4), ("2*", 8)])
+def test_fake_quant_model_matches_the_kernels_logits_and_greedy_tokens(tiny_models, ids, family,
+                                                                         wbits, abits):
+    cm = abqc.compile(tiny_models[family], wbits=wbits, abits=abits)
+    ref = cm.fake_quant_model()
+    assert not any(isinstance(m, QuantLinear) for m in ref.modules())
+    assert any(isinstance(m, FakeQuantLinear) for m in ref.modules())
+    with torch.no_grad():
+        assert torch.equal(ref(ids).logits, cm.hf_model(ids).logits)
+    prompt = ids[:, :5]
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert torch.equal(cm.generate(prompt, **kw), ref.generate(prompt, **kw))
+    # buffers are shared with the kernel tree, not copied
+    q = next(m for m in cm.hf_model.modules() if isinstance(m, QuantLinear))
+    assert any(m.qlinear is q for m in ref.modules() if isinstance(m, FakeQuantLinear))
+
+
+def test_fake_quant_model_needs_the_module_tree(tiny_models):
+    cm = abqc.compile(tiny_models["llama"], wbits=4, abits=8, backend="fake_quant")
+    with pytest.raises(RuntimeError, match="no transformers model tree"):
+        cm.fake_quant_model()
