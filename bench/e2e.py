@@ -7,7 +7,8 @@ Per configuration, in its own process (so resident memory is its own): prefill t
 --prompt tokens, decode ms/token at that context (KV cache, one token at a time, median of
 --decode-tokens steps), resident memory after compile + a prefill, and the size of the
 saved model. With --ppl-windows N it also evaluates WikiText-2 (seqlen 2048, first N
-windows) on the kernels and on the fake-quant graph of the same compile. Each quantized
+windows) on the kernels, on the fake-quant graph of the same compile (float32 F.linear) and
+on its fake-quant modules (`cm.fake_quant_model()`, rounded as the integer kernels round). Each quantized
 row carries its ratio to the FP32 row of the same run. Results: bench/results/e2e.json.
 Threads: torch and TVM thread counts are set explicitly (--torch-threads, --tvm-threads)
 and recorded.
@@ -176,6 +177,12 @@ def run_one(args) -> dict:
                 row["ppl_fake_quant"] = abqc.eval.perplexity_of_windows(ref, windows, desc="fake")["ppl"]
                 row["ppl_eval_s_fake_quant"] = round(time.perf_counter() - t, 1)
                 row["ppl_rel_diff"] = row["ppl_kernels"] / row["ppl_fake_quant"] - 1
+                # the fake-quant modules (torch, rounded as the integer kernels round)
+                t = time.perf_counter()
+                row["ppl_fake_quant_modules"] = abqc.eval.perplexity_of_windows(
+                    cm.fake_quant_model(), windows, desc="fake-quant modules")["ppl"]
+                row["ppl_eval_s_fake_quant_modules"] = round(time.perf_counter() - t, 1)
+                row["ppl_rel_diff_modules"] = row["ppl_kernels"] / row["ppl_fake_quant_modules"] - 1
                 row["ppl_windows"] = args.ppl_windows
         row["saved_mb"] = round(dir_mb(tmp), 2)
     finally:
