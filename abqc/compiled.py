@@ -60,8 +60,23 @@ class CompiledModel(nn.Module):
         from .runtime.reference import fake_quant_model
         return fake_quant_model(self.hf_model)
 
+    def unlowered_linears(self) -> dict[str, str]:
+        """Path -> reason of linears quantized in the graph that the kernels could not take:
+        the graph runs them fake-quantized, the transformers tree has no kernel for them."""
+        floats = self.graph_module.meta.get("abqc.float_linears", {})
+        return {p: r for p, r in floats.items() if self.annotations.get(p) is not None}
+
     def _check_tree_is_whole(self, what: str) -> None:
         """The transformers tree carries the quantized linears, not graph-only rewrites."""
+        missing = self.unlowered_linears()
+        if missing:
+            path, reason = next(iter(missing.items()))
+            raise NotImplementedError(
+                f"{what} runs the transformers model tree, but {len(missing)} quantized "
+                f"linear(s) could not be lowered to kernels and would run unquantized there, "
+                f"e.g. {path}: {reason}. Call the model (cm(ids)) for the fake-quant logits, "
+                "or compile so that every quantized linear fits a kernel (exclude it, or change "
+                "the setting named)")
         if getattr(self.config, "kv_bits", 16) != 16:
             raise NotImplementedError(
                 f"{what} runs the transformers model tree, which has the quantized linears but "

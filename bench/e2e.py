@@ -207,7 +207,8 @@ def main() -> None:
     ap.add_argument("--tvm-threads", type=int, default=1)
     ap.add_argument("--tune", action="store_true", help="tune unknown kernel keys first")
     ap.add_argument("--lm-head", action="store_true",
-                    help="quantize lm_head too, at W8A8 (excluded by default, as in the papers)")
+                    help="quantize lm_head too, at W8A8 (excluded by default, as in the papers; a lm_head "
+                         "tied to the embedding, as SmolLM2's, has no kernel and is refused)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "e2e.json"))
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)

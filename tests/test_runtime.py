@@ -106,3 +106,17 @@ def test_single_token_fast_path_equals_the_op():
                                  q.weight_sum, q.group_k, q.bias, q.outlier_indices,
                                  q.outlier_values, q.spec)
     assert torch.equal(q(x), op2) and not torch.equal(op2, op)
+
+
+def test_generate_and_save_refuse_a_tree_missing_quantized_linears(tiny_models, tmp_path):
+    """Group size 32 has no kernel: the graph runs those linears fake-quantized, and the
+    transformers tree would run them unquantized; generate and save say so, not diverge."""
+    cm = abqc.compile(tiny_models["llama"], wbits=4, abits=16, group_size=32)
+    missing = cm.unlowered_linears()
+    assert len(missing) == 14 and "group size 32" in missing["model.layers.0.mlp.down_proj"]
+    with pytest.raises(NotImplementedError, match="could not be lowered.*group size 32"):
+        cm.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(NotImplementedError, match="could not be lowered"):
+        cm.save(tmp_path / "g32")
+    assert not (tmp_path / "g32").exists()
+    assert abqc.compile(tiny_models["llama"], wbits=4, abits=16, group_size=64).unlowered_linears() == {}
