@@ -2,6 +2,7 @@
 
     python bench/kernels.py                                   # the grid, M=1 (hours: use --quick)
     python bench/kernels.py --quick --m 1,16                  # a reduced search space
+    python bench/kernels.py --quick --m 1,16,128 --resume     # only what --out lacks
     python bench/kernels.py --shapes 4096x4096 --bits W2A8,W4A4 --m 1
 
 For each shape NxK and M: torch fp32 ``F.linear`` and torch's fbgemm int8 dynamic linear
@@ -150,6 +151,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="reduced search space")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "kernels.json"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the entries already in --out and run only the missing ones (each "
+                         "row carries the baselines measured beside it)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -171,21 +175,41 @@ def main() -> None:
               "micro": run_child("micro", {}, env), "baselines": [], "results": []}
     print(json.dumps(report["micro"]), flush=True)
     bw = report["micro"]["bandwidth_gb_s"]
+    done: set = set()
+    if args.resume and os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+        report["results"], report["baselines"] = old["results"], old["baselines"]
+        report["commands"] = old.get("commands", [old["command"]]) + [report["command"]]
+        done = {(r["n"], r["k"], r["bits"], r["m"]) for r in report["results"]}
+        first = {}
+        for b in report["baselines"]:  # older rows: the baseline of their own run
+            first.setdefault((b["n"], b["k"], b["m"]), b)
+        for r in report["results"]:
+            b = first.get((r["n"], r["k"], r["m"]))
+            if b and "baseline_fp32_ms" not in r:
+                r["baseline_fp32_ms"], r["baseline_fbgemm_int8_ms"] = b["fp32_ms"], b["fbgemm_int8_ms"]
     for shp in args.shapes.split(","):
         n, k = (int(v) for v in shp.split("x"))
+        todo = {b: [m for m in ms if (n, k, b, m) not in done] for b in args.bits.split(",")}
+        todo = {b: v for b, v in todo.items() if v}
+        if not todo:
+            continue
         base = {}
-        for m in ms:
+        for m in sorted({m for v in todo.values() for m in v}):
             base[m] = run_child("torch", {"n": n, "k": k, "m": m}, env)
             report["baselines"].append({"n": n, "k": k, "m": m, **base[m]})
-        for bits in args.bits.split(","):
+        for bits, bms in todo.items():
             wbits, abits, _ = _bits(bits)
-            rows = run_child("abqc", {"n": n, "k": k, "bits": bits, "ms": ms, "quick": args.quick}, env)
+            rows = run_child("abqc", {"n": n, "k": k, "bits": bits, "ms": bms, "quick": args.quick}, env)
             for r in rows:
                 wbytes = n * k * wbits / 8
                 roof_ms = wbytes / (bw * 1e9) * 1e3
                 row = {"n": n, "k": k, "bits": bits, **r,
                        "speedup_vs_fp32": round(base[r["m"]]["fp32_ms"] / r["ms"], 3),
                        "speedup_vs_fbgemm_int8": round(base[r["m"]]["fbgemm_int8_ms"] / r["ms"], 3),
+                       "baseline_fp32_ms": base[r["m"]]["fp32_ms"],
+                       "baseline_fbgemm_int8_ms": base[r["m"]]["fbgemm_int8_ms"],
                        "weight_mb": round(wbytes / 2 ** 20, 3),
                        "memory_roofline_fraction": round(roof_ms / r["ms"], 3)}
                 report["results"].append(row)
