@@ -172,3 +172,23 @@ def test_abq_options_are_validated(tiny_models):
         abqc.compile(m, wbits=4, method="abq", abq_options={"preset": "gpu"})
     with pytest.raises(abqc.ConfigError, match="cannot be mixed"):
         abqc.compile(m, wbits=4, method="abq", overrides={"down_proj": {"method": "gptq"}})
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_a_block_that_loses_to_rtn_falls_back_to_rtn(tiny_models, fallback):
+    """Clipping started at sigmoid(-1) = 27% of the range and nothing learnt (learning rates 0):
+    the start and the 'trained' state both lose to RTN; with the fall-back the block keeps
+    RTN's state (on its SmoothQuant-folded weights), without it the start."""
+    import abqc.passes.abq as abq_pass
+
+    calib = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
+    opts = {"epochs": 1, "lwc_init": -1.0, "lwc_lr": 0.0, "smooth_lr": 0.0, "comp_lr": 0.0,
+            "comp_first": 1, "comp_last": 1, "rtn_fallback": fallback}
+    cm = abqc.compile(tiny_models["llama"], wbits=4, abits=8, calib=calib, method="abq",
+                      abq_options=opts)
+    for b, s in cm.graph_module.meta[abq_pass.STATS_KEY].items():
+        assert s["loss_init"] > 1.5 * s["loss_rtn"], (b, s)  # the start is worse
+        if fallback:  # RTN on the smoothed weights: near plain RTN's loss, far below the start
+            assert s["kept"] == "rtn" and s["loss_final"] < min(s["loss_init"] / 1.5, 2 * s["loss_rtn"]), (b, s)
+        else:
+            assert s["kept"] != "rtn" and s["loss_final"] == s["loss_init"], (b, s)

@@ -101,6 +101,19 @@ def _swap(block: nn.Module, local: str, plan: BlockPlan, opts: ABQOptions):
     return qlins, scales
 
 
+def _to_rtn(qlins: dict, scales: list) -> None:
+    """The learnt parameters at RTN on the block's weights as they come (SmoothQuant scales
+    folded): no clipping (sigmoid(inf) = 1), relative smoothing scales 1, no compensation."""
+    for q in qlins.values():
+        q.u.fill_(math.inf)
+        if q.l is not None:
+            q.l.fill_(math.inf)
+        if q.comp_a is not None:
+            q.comp_a.zero_()
+    for s in scales:
+        s.fill_(1.0)
+
+
 def _record(module: nn.Module, store: dict, key: str):
     return module.register_forward_hook(lambda m, a, out: store.__setitem__(key, out.detach()))
 
@@ -190,20 +203,36 @@ def train_block(index: int, local: str, qblock: nn.Module, inputs: list[BlockInp
                 total += loss.item()
             last = total / len(inputs)
             log.debug("abq block %d epoch %d loss %.5f", index, ep, last)
+    def mean_loss() -> float:
+        return sum(float(loss_of(i)) for i in range(len(inputs))) / len(inputs)
+
     with torch.no_grad():
-        final = sum(float(loss_of(i)) for i in range(len(inputs))) / len(inputs)
+        final, kept = mean_loss(), "trained"
         if final > init:  # training made this block worse: keep the starting point
             log.warning("abq block %d: trained loss %.5f above the start %.5f; kept the start",
                         index, final, init)
             for p, p0 in zip(learnt, start):
                 p.copy_(p0)
-            final = init
+            final, kept = init, "start"
+        if opts.rtn_fallback:
+            best = [p.detach().clone() for p in learnt]
+            _to_rtn(qlins, scales)
+            at_rtn = mean_loss()
+            if at_rtn < final:  # the start (clipping at its init) and training both lose
+                log.warning("abq block %d: loss %.5f above RTN's on the same weights %.5f; kept "
+                            "RTN (no clipping, no learnt smoothing or compensation)",
+                            index, final, at_rtn)
+                final, kept = at_rtn, "rtn"
+            else:
+                for p, p0 in zip(learnt, best):
+                    p.copy_(p0)
         for q in qlins.values():  # freeze: the block now runs as it will be folded
             q.requires_grad_(False)
-    stats = {"loss_rtn": rtn, "loss_init": init, "loss_last_epoch": last, "loss_final": final, "epochs": epochs,
-             "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
-    log.info("abq block %d: loss %.5f -> %.5f (rtn %.5f; %d epochs, %.1fs, peak %.0f MB)", index,
-             init, final, rtn, epochs, stats["seconds"], stats["peak_rss_mb"])
+    stats = {"loss_rtn": rtn, "loss_init": init, "loss_last_epoch": last, "loss_final": final,
+             "kept": kept, "epochs": epochs, "seconds": time.perf_counter() - t0,
+             "peak_rss_mb": peak_rss_mb()}
+    log.info("abq block %d: loss %.5f -> %.5f (rtn %.5f; kept %s; %d epochs, %.1fs, peak %.0f MB)",
+             index, init, final, rtn, kept, epochs, stats["seconds"], stats["peak_rss_mb"])
     return BlockResult(
         scales=[s.detach().clamp(min=1e-2).clone() for s in scales],
         grids={p: q.final_grid() for p, q in qlins.items()},

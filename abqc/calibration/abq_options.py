@@ -39,6 +39,10 @@ class ABQOptions:
     akl: bool = True  # attention-map symmetric KL loss
     mse: bool = True  # the reference's two MSE terms beside DLC
     seed: int = 2
+    # keep RTN on the block's (smoothed) weights where the start and the trained state both
+    # lose to it (a short schedule may not recover from the initial clipping); one more pass
+    # over the block's samples
+    rtn_fallback: bool = True
 
     def __post_init__(self):
         for name in ("epochs", "comp_first", "comp_last"):
