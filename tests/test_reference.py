@@ -36,12 +36,17 @@ def test_layer_is_bit_identical_to_the_integer_kernels(formulation, wbits, abits
     assert torch.equal(q(x[:1]), FakeQuantLinear(q)(x[:1]))  # the one-token decode path too
 
 
-def test_float_accumulating_kernels_agree_to_float32_rounding():
-    """`unpack` sums dequantized values in float32 (its own order): close, not identical."""
-    fmt = QuantFormat(96, 200, 3, 8, 64, False, "unpack")
+@pytest.mark.parametrize("abits,group_size", [(8, 64), (16, 0), (16, 64)])
+def test_float_accumulating_kernels_agree_to_float32_rounding(abits, group_size):
+    """`unpack` (and weight-only) sums in float32, in its own order: close, not identical."""
+    fmt = QuantFormat(96, 200, 3, abits, group_size, False, "unpack")
     q = _layer(fmt)
     x = torch.randn(5, 200)
-    torch.testing.assert_close(q(x), FakeQuantLinear(q)(x), rtol=1e-5, atol=1e-5)
+    ref = FakeQuantLinear(q)
+    torch.testing.assert_close(q(x), ref(x), rtol=1e-5, atol=1e-5)
+    if abits == 16:  # the float64 product of x and the dequantized weight, rounded once
+        want = (x.double() @ q.dequantized_weight().double().T + q.bias.double()).float()
+        torch.testing.assert_close(ref(x), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])

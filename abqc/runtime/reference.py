@@ -35,7 +35,8 @@ class FakeQuantLinear(nn.Module):
         self.__dict__["qlinear"] = q
 
     def _weight_terms(self):
-        """Codes as float64 [N, K], per-group bounds, and Σw per group (cached per weight)."""
+        """Codes as float64 [N, K], per-group bounds, Σw per group and (weight-only formats)
+        the dequantized float64 weight, cached per packed weight."""
         q = self.qlinear
         key = (q.weight_packed.data_ptr(), q.weight_scale.data_ptr(), q.weight_zero_point.data_ptr())
         st = self.__dict__.get("_w")
@@ -47,7 +48,8 @@ class FakeQuantLinear(nn.Module):
                 bounds.append((start, stop))
                 start = stop
             sumw = torch.stack([codes[:, a:b].sum(1) for a, b in bounds], 1)
-            st = (key, codes, bounds, sumw)
+            w = q.dequantized_weight().double().contiguous() if self.fmt.weight_only else None
+            st = (key, codes, bounds, sumw, w)
             self.__dict__["_w"] = st
         return st[1:]
 
@@ -55,7 +57,7 @@ class FakeQuantLinear(nn.Module):
         fmt, q = self.fmt, self.qlinear
         x2 = x.reshape(-1, fmt.k).float()
         if fmt.weight_only:
-            y = (x2.double() @ q.dequantized_weight().double().T).float()
+            y = (x2.double() @ self._weight_terms()[3].T).float()
             xa = x2
         else:
             y = self._integer_product(x2)
@@ -69,7 +71,7 @@ class FakeQuantLinear(nn.Module):
     def _integer_product(self, x2: Tensor) -> Tensor:
         """The kernels' result: exact Σ xq wq per group, then their float64 epilogue."""
         fmt, q = self.fmt, self.qlinear
-        wc, bounds, sumw = self._weight_terms()
+        wc, bounds, sumw, _ = self._weight_terms()
         xc, sx, zx = quantize_activations(x2, fmt.abits, fmt.act_symmetric)
         xc = xc.double()
         sx, zx = sx.double()[:, None], zx.double()[:, None]
