@@ -112,8 +112,9 @@ def vnni(shape: KernelShape, with_epilogue: bool = True, n_tile: int = VNNI_DEFA
     """``acc`` [M, N, 1] int32 (exact), or ``main``: the accumulator and the epilogue.
 
     Built with TVM's IR builder rather than TVMScript: each tile's whole K reduction is one
-    (fully unrolled: code grows with K, a few seconds to build at K = 4096) expression (nested ``vpdpbusd`` calls, `chains` independent ones per row), so the
-    accumulators live in registers. A buffer-held accumulator is stored back after every
+    expression (nested ``vpdpbusd`` calls, `chains` independent ones per row), so the
+    accumulators live in registers. It is fully unrolled: code grows with K (seconds to build
+    at K = 4096, up to a minute at 11008). A buffer-held accumulator is stored back after every
     instruction (the parallel body cannot prove it does not alias the inputs): 2x slower.
     ``main``'s full tiles store `n_tile` outputs as one vector, the last, partial tile (and
     ``acc``, a test aid) row by row.

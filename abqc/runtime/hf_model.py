@@ -28,14 +28,23 @@ def lowered_modules(gm: GraphModule) -> dict[str, QuantLinear]:
     return out
 
 
-def quantized_model(model: nn.Module, modules: dict[str, QuantLinear]) -> nn.Module:
-    """A copy of `model` whose linears at `modules`' paths are those QuantLinears."""
+def copy_replacing(model: nn.Module, replace: dict[nn.Module, nn.Module]) -> nn.Module:
+    """A copy of `model`'s module tree that shares every tensor with it (nothing copied)
+    and has each module in `replace` swapped for its value."""
     memo: dict[int, object] = {}
     for t in list(model.parameters()) + list(model.buffers()):
-        memo[id(t)] = t  # shared, not copied
+        memo[id(t)] = t
+    for old, new in replace.items():
+        memo[id(old)] = new
+    return copy.deepcopy(model, memo)
+
+
+def quantized_model(model: nn.Module, modules: dict[str, QuantLinear]) -> nn.Module:
+    """A copy of `model` whose linears at `modules`' paths are those QuantLinears."""
+    replace = {}
     for path, q in modules.items():
         lin = model.get_submodule(path)
         if not isinstance(lin, nn.Linear):
             raise TypeError(f"{path} is a {type(lin).__name__}, not an nn.Linear")
-        memo[id(lin)] = q
-    return copy.deepcopy(model, memo)
+        replace[lin] = q
+    return copy_replacing(model, replace)

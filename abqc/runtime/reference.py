@@ -14,12 +14,11 @@ float64 product rounded once, which the kernels approach but need not equal.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
 from ..codegen.kernel import quantize_activations
+from .hf_model import copy_replacing
 from .qlinear import QuantLinear, _fake_quant_tokens, _outlier_matrix
 
 
@@ -92,10 +91,5 @@ class FakeQuantLinear(nn.Module):
 def fake_quant_model(model: nn.Module) -> nn.Module:
     """A copy of `model` (sharing every tensor) with each `QuantLinear` replaced by its
     `FakeQuantLinear`: the same quantized model, computed by torch instead of the kernels."""
-    memo: dict[int, object] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        memo[id(t)] = t
-    for mod in model.modules():
-        if isinstance(mod, QuantLinear):
-            memo[id(mod)] = FakeQuantLinear(mod)
-    return copy.deepcopy(model, memo)
+    return copy_replacing(model, {m: FakeQuantLinear(m) for m in model.modules()
+                                  if isinstance(m, QuantLinear)})
