@@ -109,3 +109,27 @@ def module_path(node: torch.fx.Node) -> str | None:
     if stack:
         return strip_root(list(stack.values())[-1][0])
     return None
+
+
+def retarget_device(gm: GraphModule, device: torch.device | str) -> GraphModule:
+    """Point the devices `torch.export` baked into the graph (``arange(device=cpu)``, mask
+    casts, metadata asserts) at `device`, in place. Moving the parameters is not enough
+    to run a captured graph elsewhere: these constants would still build CPU tensors."""
+    device = torch.device(device)
+
+    def swap(v):
+        if isinstance(v, torch.device):
+            return device
+        if isinstance(v, (tuple, list)):
+            return type(v)(swap(x) for x in v)
+        return v
+
+    changed = 0
+    for node in gm.graph.nodes:
+        args, kwargs = swap(node.args), {k: swap(v) for k, v in node.kwargs.items()}
+        if args != node.args or kwargs != node.kwargs:
+            node.args, node.kwargs = args, kwargs
+            changed += 1
+    if changed:
+        gm.recompile()
+    return gm

@@ -76,6 +76,8 @@ def _add_quant_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     g.add_argument("--calib-seqlen", type=int, default=512, help="calibration window length")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--calib-device", default="cpu",
+                   help="where the layer-wise solvers run: cpu (default), cuda or cuda:N")
     g.add_argument("--dump-ir", default=None, metavar="DIR", help="write the IR after each pass to DIR")
     g.add_argument("--print-ir", action="store_true", help="print the final IR")
     g.add_argument("--backend", default="kernels", choices=("kernels", "fake_quant"),
@@ -124,7 +126,7 @@ def _compile_from_args(args, model, tok):
     options = dict(method=args.method, group_size=args.group_size, symmetric=args.symmetric,
                    act_symmetric=args.act_symmetric, overrides=dict(args.override),
                    nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=args.seed,
-                   calib_corpus=args.calib, dump_ir=args.dump_ir,
+                   calib_corpus=args.calib, calib_device=args.calib_device, dump_ir=args.dump_ir,
                    solver_options=dict(args.solver), backend=args.backend)
     if args.exclude is not None:
         options["exclude"] = tuple(args.exclude)

@@ -9,7 +9,7 @@ from torch import nn
 from torch.fx import GraphModule
 from transformers.modeling_outputs import CausalLMOutput
 
-from .capture import PATH_KEY, is_linear, module_path
+from .capture import PATH_KEY, is_linear, module_path, retarget_device
 from .config import CompileConfig, LinearAnnotation
 from .ir import ANNOT_KEY, format_graph, is_qlinear
 
@@ -82,6 +82,14 @@ class CompiledModel(nn.Module):
                 f"{what} runs the transformers model tree, which has the quantized linears but "
                 f"not the attention quantization of kv_bits={self.config.kv_bits} (it lives in "
                 "the graph only); call the model (cm(ids)) for logits, or compile without kv_bits")
+
+    def to(self, *args, **kwargs) -> "CompiledModel":
+        """`nn.Module.to`, plus the devices baked into the captured graph (see
+        `capture.retarget_device`): ``cm.to("cuda")`` runs the fake-quant graph on a GPU."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            retarget_device(self.graph_module, device)
+        return super().to(*args, **kwargs)
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> CausalLMOutput:
         if kwargs.get("attention_mask") is not None and not bool(kwargs["attention_mask"].all()):

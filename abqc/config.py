@@ -126,6 +126,11 @@ def _check_group(value: Any) -> None:
                           "or a positive integer such as 64 or 128")
 
 
+def _check_device(value: Any) -> None:
+    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise ConfigError(f"calib_device={value!r} is not allowed; use 'cpu', 'cuda' or 'cuda:N'")
+
+
 @dataclass(frozen=True)
 class CompileConfig:
     """Every option of `abqc.compile`. Unknown names and bad values raise `ConfigError`."""
@@ -144,6 +149,8 @@ class CompileConfig:
     seed: int = 0
     calib_corpus: str = "pydoc"
     solver_options: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"sweeps": 30}
+    # where the layer-wise calibration runs: one decoder block at a time is moved there
+    calib_device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     # lowering: "kernels" runs quantized linears on the generated integer kernels;
     # "fake_quant" keeps the float graph with quantize/dequantize ops (the reference)
     backend: str = "kernels"
@@ -195,6 +202,10 @@ class CompileConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}={v!r} is not allowed; use a positive integer")
+        _check_device(self.calib_device)
+        if self.calib_device != "cpu" and self.method == "abq":
+            raise ConfigError(f"calib_device={self.calib_device!r} applies to the layer-wise "
+                              "solvers; method='abq' calibrates on the CPU (use calib_device='cpu')")
         from .solvers.options import SolverOptions
         SolverOptions.from_dict(dict(self.solver_options))  # refuse bad solver options up front
         if isinstance(self.exclude, str):

@@ -112,3 +112,41 @@ def test_bad_solver_option_is_refused_before_any_work(tiny_models, calib_and_tes
     with pytest.raises(abqc.ConfigError, match="unknown solver option"):
         abqc.compile(tiny_models["llama"], wbits=4, method="gptq", calib=calib_and_test[0],
                      solver_options={"damp": 0.1})
+
+
+def test_compiled_graph_moves_with_to(tiny_models, ids):
+    """`cm.to(device)` also moves the devices export baked into the graph (arange, mask
+    casts). On the meta device any leftover CPU constant fails the forward."""
+    cm = abqc.compile(tiny_models["llama"], wbits=3, method="quantease_outlier",
+                      calib=torch.randint(0, 256, (4, 32)), backend="fake_quant",
+                      solver_options={"sweeps": 2})
+    ref = cm(ids).logits
+    cm.to("meta")
+    out = cm(ids.to("meta")).logits
+    assert out.device.type == "meta" and out.shape == ref.shape
+    assert all(p.device.type == "meta" for p in cm.graph_module.buffers())
+
+
+def test_calib_device_is_checked(tiny_models):
+    m = tiny_models["llama"]
+    with pytest.raises(abqc.ConfigError, match="calib_device='gpu'"):
+        abqc.compile(m, wbits=3, method="gptq", calib_device="gpu")
+    with pytest.raises(abqc.ConfigError, match="layer-wise"):
+        abqc.compile(m, wbits=3, method="abq", calib_device="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(abqc.ConfigError, match="needs a CUDA GPU"):
+            abqc.compile(m, wbits=3, method="gptq", calib=torch.randint(0, 256, (2, 16)),
+                         calib_device="cuda", backend="fake_quant")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["gptq", "quantease", "quantease_outlier"])
+def test_calibration_on_cuda_matches_cpu(tiny_models, method):
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    runs = {d: abqc.compile(tiny_models["llama"], wbits=3, method=method, calib=calib,
+                            backend="fake_quant", calib_device=d, solver_options={"sweeps": 4})
+            for d in ("cpu", "cuda")}
+    a, b = (runs[d].calibration_stats for d in ("cpu", "cuda"))
+    assert a.keys() == b.keys()
+    for p in a:
+        assert b[p]["rel_error"] == pytest.approx(a[p]["rel_error"], rel=0.05, abs=1e-4)

@@ -35,6 +35,19 @@ class BlockInput:
     args: tuple
     kwargs: dict[str, Any]
 
+    def to(self, device) -> "BlockInput":
+        """A copy with every tensor (also inside tuples, e.g. rotary cos/sin) on `device`."""
+        return BlockInput(_to(self.hidden, device), _to(self.args, device),
+                          {k: _to(v, device) for k, v in self.kwargs.items()})
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor,

@@ -35,7 +35,8 @@ class _Grams:
     """
 
     def __init__(self, linears: dict[str, nn.Linear]):
-        self.sigma = {p: torch.zeros(m.in_features, m.in_features) for p, m in linears.items()}
+        self.sigma = {p: torch.zeros(m.in_features, m.in_features, device=m.weight.device)
+                      for p, m in linears.items()}
         self.n = dict.fromkeys(linears, 0)
         self.seen: set[str] = set()
         self.handles = [m.register_forward_pre_hook(self._hook(p)) for p, m in linears.items()]
@@ -81,22 +82,27 @@ BlockStep = Callable[[int, str, nn.Module, list[BlockInput], nn.Module | None,
 
 
 def run_blocks(model: nn.Module, windows: torch.Tensor, step: BlockStep, batch_size: int = 8,
-               fp_chain: bool = False, desc: str = "calibrate") -> None:
+               fp_chain: bool = False, desc: str = "calibrate", device: str | None = None) -> None:
     """The block-sequential loop: cache block 0's inputs, then per block copy it, let `step`
     quantize the copy, and feed the quantized block's outputs to the next block.
 
     ``fp_chain=True`` also carries the float model's block inputs (for losses that compare
-    against the float chain, as ABQ's DLC does). The user's model is never modified.
+    against the float chain, as ABQ's DLC does). The user's model is never modified. With
+    ``device`` (e.g. "cuda"), the cached inputs and one block copy at a time live there; the
+    model itself stays where it is.
     """
     prefix, blocks = decoder_blocks(model)
     t0 = time.perf_counter()
     inputs: list[BlockInput] = capture_block_inputs(model, blocks, windows, batch_size)
+    if device is not None:
+        inputs = [i.to(device) for i in inputs]
     fp_inputs = [BlockInput(i.hidden, i.args, i.kwargs) for i in inputs] if fp_chain else None
     log.info("calibration: %d windows x %d tokens, %d blocks, inputs cached in %.1fs",
              len(windows), windows.shape[1], len(blocks), time.perf_counter() - t0)
     for b in tqdm(range(len(blocks)), desc=desc, unit="block"):
-        qblock = copy.deepcopy(blocks[b]).float()
-        fp_block = copy.deepcopy(blocks[b]).float().requires_grad_(False) if fp_chain else None
+        qblock = copy.deepcopy(blocks[b]).float().to(device)
+        fp_block = (copy.deepcopy(blocks[b]).float().to(device).requires_grad_(False)
+                    if fp_chain else None)
         step(b, f"{prefix}.{b}.", qblock, inputs, fp_block, fp_inputs)
         with torch.no_grad():
             for inp in inputs:
@@ -104,17 +110,22 @@ def run_blocks(model: nn.Module, windows: torch.Tensor, step: BlockStep, batch_s
             for inp in fp_inputs or ():
                 inp.hidden = run_block(fp_block, inp)
         del qblock, fp_block
-    log.info("calibration done in %.1fs, peak RSS %.0f MB", time.perf_counter() - t0, peak_rss_mb())
+    gpu = (f", peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB on {device}"
+           if device is not None and torch.device(device).type == "cuda" else "")
+    log.info("calibration done in %.1fs, peak RSS %.0f MB%s", time.perf_counter() - t0,
+             peak_rss_mb(), gpu)
 
 
 @torch.no_grad()
 def calibrate_blocks(model: nn.Module, annotations: dict[str, LinearAnnotation],
                      groups: dict[int, list[list[str]]], windows: torch.Tensor, solve: Solver,
-                     batch_size: int = 8, solver_options: dict | None = None) -> dict[str, object]:
+                     batch_size: int = 8, solver_options: dict | None = None,
+                     device: str = "cpu") -> dict[str, object]:
     """Solve every annotated linear inside the decoder blocks; return path -> solver result.
 
     `groups` gives, per block index, the module paths to solve together, in order. The
-    user's model is not modified: each block is copied, quantized and discarded.
+    user's model is not modified: each block is copied, quantized and discarded. Solving
+    happens on ``device``; the results come back on the CPU.
     """
     results: dict[str, object] = {}
 
@@ -133,6 +144,7 @@ def calibrate_blocks(model: nn.Module, annotations: dict[str, LinearAnnotation],
                 t1 = time.perf_counter()
                 res = solve(ann.method, m.weight.data, sigma, ann.weight, **(solver_options or {}))
                 m.weight.data.copy_(res.weight().to(m.weight.dtype))
+                res = res.to("cpu")
                 if ann.act is not None:
                     m.register_forward_pre_hook(_act_quant_hook(ann.act))
                 results[p] = res
@@ -141,5 +153,5 @@ def calibrate_blocks(model: nn.Module, annotations: dict[str, LinearAnnotation],
                          ann.weight.bits, res.stats["rel_error"], time.perf_counter() - t1,
                          peak_rss_mb(), f"  ({notes})" if notes else "")
 
-    run_blocks(model, windows, step, batch_size)
+    run_blocks(model, windows, step, batch_size, device=device)
     return results

@@ -49,7 +49,7 @@ def _rtn(config: CompileConfig) -> list[Pass]:
 
 def _calibrated(config: CompileConfig) -> list[Pass]:
     return [AnnotateQuant(config), *_smooth(config), InsertQuantDequant(), *_kv(config),
-            Calibrate(solver_options=dict(config.solver_options)),
+            Calibrate(solver_options=dict(config.solver_options), device=config.calib_device),
             RoundToNearest(), QuantDequantFusion(), *_lowering(config)]
 
 

@@ -44,9 +44,11 @@ def calibration_windows(ctx: PassContext) -> torch.Tensor:
 class Calibrate(Pass):
     """Solve every annotated linear inside the decoder blocks with its own method."""
 
-    def __init__(self, batch_size: int = 8, solver_options: dict | None = None):
+    def __init__(self, batch_size: int = 8, solver_options: dict | None = None,
+                 device: str = "cpu"):
         self.batch_size = batch_size
         self.solver_options = dict(solver_options or {})
+        self.device = device
 
     def transform(self, gm: GraphModule) -> GraphModule:
         ctx = PassContext.current()
@@ -56,13 +58,16 @@ class Calibrate(Pass):
         qnodes = {n.meta[PATH_KEY]: n for n in weight_quantize_nodes(gm)}
         anns = {n.meta[PATH_KEY]: n.meta[ANNOT_KEY] for n in gm.graph.nodes
                 if n.meta.get(ANNOT_KEY) is not None and n.meta[PATH_KEY] in qnodes}
+        if self.device != "cpu" and not torch.cuda.is_available():
+            raise ConfigError(f"calib_device={self.device!r} needs a CUDA GPU, and torch sees "
+                              "none here; use calib_device='cpu'")
         prefix, _ = decoder_blocks(model)
         groups = sequential_groups(gm, prefix, set(anns))
         windows = calibration_windows(ctx)
         from ..solvers import solve
 
         results = calibrate_blocks(model, anns, groups, windows, solve, self.batch_size,
-                                   self.solver_options)
+                                   self.solver_options, device=self.device)
         for path, res in results.items():
             q = qnodes[path]
             _, s, z, _, _ = q.args

@@ -22,7 +22,7 @@ def inverse_cholesky(sigma: torch.Tensor, percdamp: float, retries: int,
     """Upper Cholesky factor of (Σ + λI)⁻¹, raising λ x10 up to `retries` times."""
     k = sigma.shape[0]
     damp = percdamp * torch.diagonal(sigma).mean()
-    eye = torch.eye(k, dtype=sigma.dtype)
+    eye = torch.eye(k, dtype=sigma.dtype, device=sigma.device)
     for attempt in range(retries + 1):
         l, info = torch.linalg.cholesky_ex(sigma + damp * eye)
         if info == 0:
@@ -54,23 +54,24 @@ def gptq(w: torch.Tensor, sigma: torch.Tensor, spec: QuantSpec, *, percdamp: flo
         notes.append("act_order with groups uses static groups (groups stay contiguous)")
     fixed = Grid.fit(w0, spec) if (not gs or static_groups) else None
 
-    perm = torch.arange(k)
+    perm = torch.arange(k, device=w.device)
     if act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
     u = inverse_cholesky(h, percdamp, damp_retries, notes)
 
-    scale = torch.empty(nrow, (k + gs - 1) // gs if gs else 1)
+    scale = torch.empty(nrow, (k + gs - 1) // gs if gs else 1, device=w.device)
     zero = torch.empty_like(scale)
     q_all = torch.zeros_like(w)
     s_col = z_col = None
+    order = perm.tolist()  # column ids on the host: no device sync per column
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+            col = order[i1 + i]
             if fixed is not None:
                 s_col, z_col = fixed.s[:, col], fixed.z[:, col]
             elif col % gs == 0:  # dynamic groups: fit on the current (error-updated) weights

@@ -19,7 +19,7 @@ def top_k(h: torch.Tensor, fraction: float, structured: bool) -> torch.Tensor:
     """Keep the largest `fraction` of entries (or of columns, by L2 norm) of `h`; zero the rest."""
     if structured:
         k = max(1, round(fraction * h.shape[1]))
-        keep = torch.zeros(h.shape[1], dtype=torch.bool)
+        keep = torch.zeros(h.shape[1], dtype=torch.bool, device=h.device)
         keep[torch.topk(h.norm(dim=0), k).indices] = True
         return h * keep[None, :]
     k = max(1, round(fraction * h.numel()))

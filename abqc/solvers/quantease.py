@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cd_triton
 from .grid import Grid
 
 
@@ -23,7 +24,8 @@ def damped(sigma: torch.Tensor, fraction: float) -> torch.Tensor:
     if fraction <= 0:
         return sigma
     d = torch.diagonal(sigma)
-    return sigma + fraction * d[d > 0].mean() * torch.eye(sigma.shape[0], dtype=sigma.dtype)
+    eye = torch.eye(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
+    return sigma + fraction * d[d > 0].mean() * eye
 
 
 def normalised_gram(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,9 +56,17 @@ def cd_sweep(target_t: torch.Tensor, what_t: torch.Tensor, n: torch.Tensor, grid
     k = what_t.shape[0]
     r = n.T @ (target_t - what_t)  # Rᵀ = Nᵀ (W - Ŵ)ᵀ, [K, N]
     st, zt = grid.s.T, grid.z.T
+    fused = cd_triton.available(what_t)
+    if fused:  # one kernel per block of columns (see cd_triton)
+        r, n, st, zt = r.contiguous(), n.contiguous(), st.contiguous(), zt.contiguous()
     for a in range(0, k, blocksize):
         b = min(a + blocksize, k)
-        delta = torch.empty(b - a, what_t.shape[1], dtype=what_t.dtype)
+        if fused:
+            delta = cd_triton.cd_block(what_t, r, n, st, zt, grid.qmax, a, b, round_)
+            if b < k:
+                r[b:].addmm_(n[a:b, b:].T, delta, alpha=-1.0)
+            continue
+        delta = torch.empty(b - a, what_t.shape[1], dtype=what_t.dtype, device=what_t.device)
         for j in range(a, b):
             beta = what_t[j] + r[j]
             if round_:

@@ -19,6 +19,13 @@ class SolveResult:
     outliers: torch.Tensor | None = None  # sparse COO [N, K], fp32, kept beside the codes
     stats: dict = field(default_factory=dict)  # rel_error, seconds, method, notes
 
+    def to(self, device) -> "SolveResult":
+        """The same result with its tensors on `device` (stats are shared)."""
+        def move(t):
+            return None if t is None else t.to(device)
+        return SolveResult(move(self.codes), move(self.scale), move(self.zero), self.group_size,
+                           move(self.outliers), self.stats)
+
     def weight(self) -> torch.Tensor:
         """The dense fp32 weight this result stands for."""
         w = dequantize(self.codes, self.scale.float(), self.zero.float(), self.group_size)
