@@ -23,10 +23,11 @@ except ImportError:  # triton is optional: the torch sweep is used without it
 
 
 def available(t: torch.Tensor) -> bool:
-    """Whether the Triton block kernel can run on `t` (a CUDA tensor, triton installed)."""
+    """Whether the Triton block kernel can run on `t` (a CUDA tensor, triton installed, and
+    not switched off with ``ABQC_TRITON=0``, which keeps the torch sweep for comparison)."""
     import os
 
-    if triton is None:
+    if triton is None or os.environ.get("ABQC_TRITON") == "0":
         return False
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
