@@ -70,7 +70,12 @@ def capture(model: nn.Module, max_seq_len: int | None = None) -> GraphModule:
     dims = {"input_ids": {0: Dim("batch", min=1, max=MAX_BATCH), 1: Dim("seq", min=1, max=ctx)}}
     t0 = time.perf_counter()
     with torch.no_grad():
-        ep = torch.export.export(LogitsOnly(model), (example,), strict=False, dynamic_shapes=dims)
+        try:
+            ep = torch.export.export(LogitsOnly(model), (example,), strict=False, dynamic_shapes=dims)
+        except torch._dynamo.exc.UserError as e:
+            if "Constraints violated" not in str(e):
+                raise
+            ep = _export_auto(model, example, e)
     gm = ep.module()
     gm.meta["abqc.max_seq_len"] = ctx
     for node in gm.graph.nodes:  # linears, and already-lowered linears of a loaded model
@@ -79,6 +84,25 @@ def capture(model: nn.Module, max_seq_len: int | None = None) -> GraphModule:
     log.info("captured %s: %d nodes, %d linears in %.1fs", type(model).__name__,
              len(gm.graph.nodes), sum(1 for _ in linear_nodes(gm)), time.perf_counter() - t0)
     return gm
+
+
+def _export_auto(model: nn.Module, example: torch.Tensor, refused: Exception):
+    """Export again with ``Dim.AUTO`` dims, for torch versions whose shape solver cannot
+    prove a guard over the declared range (torch 2.11 with transformers 5.17 refuses
+    ``min(16*seq, 32*seq) == 16*seq``). The result must still be dynamic in both dims."""
+    log.warning("export refused the declared dynamic dims (%s); retrying with Dim.AUTO",
+                str(refused).strip().splitlines()[0])
+    auto = {"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}}
+    ep = torch.export.export(LogitsOnly(model), (example,), strict=False, dynamic_shapes=auto)
+    name = ep.graph_signature.user_inputs[0]
+    shape = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == name).meta["val"].shape
+    static = [i for i, d in enumerate(shape) if not isinstance(d, torch.SymInt)]
+    if static:
+        raise UnsupportedModelError(
+            f"torch.export specialized input_ids dims {static} of {tuple(shape)} to the example's "
+            f"sizes, so the graph would run at one shape only; the first export failed with: "
+            f"{refused}") from refused
+    return ep
 
 
 def is_linear(node: torch.fx.Node) -> bool:

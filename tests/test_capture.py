@@ -48,3 +48,30 @@ def test_unsupported_models_are_refused():
 
     with pytest.raises(UnsupportedModelError, match="no nn.Linear"):
         check_model(NoLinear())
+
+
+def test_capture_retries_with_auto_dims_when_export_refuses_the_declared_ones(tiny_models, monkeypatch):
+    """torch 2.11 refuses the declared seq range for some models ("Constraints violated");
+    capture then exports with Dim.AUTO, and the graph must still take any batch and length."""
+    from torch.export import Dim
+
+    from abqc.capture import capture
+
+    real = torch.export.export
+    seen = []
+
+    def export(*args, dynamic_shapes=None, **kwargs):
+        seen.append(dynamic_shapes["input_ids"][1])
+        if not isinstance(dynamic_shapes["input_ids"][1], type(Dim.AUTO)):
+            raise torch._dynamo.exc.UserError(torch._dynamo.exc.UserErrorType.CONSTRAINT_VIOLATION,
+                                              "Constraints violated (seq)!")
+        return real(*args, dynamic_shapes=dynamic_shapes, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", export)
+    m = tiny_models["llama"]
+    gm = capture(m)
+    assert len(seen) == 2 and seen[1] is Dim.AUTO
+    for shape in ((1, 5), (3, 40)):
+        ids = torch.randint(0, 256, shape)
+        with torch.no_grad():
+            assert torch.allclose(gm(ids), m(input_ids=ids, use_cache=False).logits, atol=1e-5)

@@ -25,8 +25,8 @@ case "$1" in
 smoke)
     cp .devcarry/a/part-aa "$STASH/"
     $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-    $PY -m pytest -q -p no:cacheprovider tests/test_calibration.py tests/test_solvers.py \
-        -k "cuda or triton or moves_with" 2>&1 | tail -20
+    $PY -m pytest -q -p no:cacheprovider tests/test_calibration.py tests/test_solvers.py tests/test_capture.py \
+        -k "cuda or triton or moves_with or auto_dims" 2>&1 | tail -20 || true
     $PY bench/solver_gpu.py --out "$OUT/solver_gpu.json"
     ;;
 table)
