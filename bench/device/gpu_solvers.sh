@@ -35,13 +35,19 @@ table)
     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcarry/b/gguf-*.whl
     $PY -c "from frontends.gguf import convert_gguf; convert_gguf('$STASH/smollm2.gguf', '$STASH/smollm2')"
     export ABQC_WIKITEXT="$PWD/.devcarry/b/wiki.test.raw"
-    timeout "${BUDGET:-460}" $PY bench/solvers.py --model "$STASH/smollm2" \
-        --calib .devcarry/b/pydoc311.txt --calib-device "${DEVICE:-cuda}" --eval-device "${DEVICE:-cuda}" \
-        --jobs "${JOBS:-6}" --configs "${CONFIGS:-W3A16,W4A16}" --group-sizes 128,0 \
-        --methods "${METHODS:-rtn,gptq,quantease,quantease_outlier,gptq_quantease}" \
-        --max-windows "${WINDOWS:-32}" --nsamples "${NSAMPLES:-128}" \
-        --out "$OUT/solvers_gpu.json" 2>&1 | tee "$OUT/solvers_gpu.log" \
-        | tr '\r' '\n' | grep -v "it/s\]\|block/s\]\|win/s\]\|^\[abqc\] model\." | tail -40
+    # the slices missing from the CPU table first; all share one deadline and one --out
+    deadline=$((SECONDS + ${BUDGET:-460}))
+    for slice in "W3A16 0" "W4A16 0,128" "W3A16 128"; do
+        set -- $slice
+        left=$((deadline - SECONDS)); [ "$left" -gt 30 ] || break
+        timeout "$left" $PY bench/solvers.py --model "$STASH/smollm2" --resume \
+            --calib .devcarry/b/pydoc311.txt --calib-device "${DEVICE:-cuda}" --eval-device "${DEVICE:-cuda}" \
+            --jobs "${JOBS:-6}" --configs "$1" --group-sizes "$2" \
+            --methods "${METHODS:-rtn,gptq,quantease,quantease_outlier,gptq_quantease}" \
+            --max-windows "${WINDOWS:-32}" --nsamples "${NSAMPLES:-128}" \
+            --out "$OUT/solvers_gpu.json" 2>&1 | tee -a "$OUT/solvers_gpu.log" \
+            | tr '\r' '\n' | grep -v "it/s\]\|block/s\]\|win/s\]\|^\[abqc\] model\." | tail -25 || true
+    done
     ;;
 *)
     echo "usage: $0 smoke|table" >&2; exit 2 ;;
