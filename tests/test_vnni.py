@@ -9,6 +9,7 @@ from abqc.codegen.actquant import actcodes_kernel
 from abqc.codegen.build import build
 from abqc.codegen.compute import KernelShape
 from abqc.codegen.kernel import Kernel, _dl, pack_weight, quantize_activations, reference
+from abqc.codegen.vnni_gemm import vnni_gemm
 from abqc.codegen.vnni import pack_vnni, storage_bits, unpack_vnni, vnni_kp, vnni_supported
 from abqc.errors import ConfigError
 from abqc.runtime.format import QuantFormat
@@ -41,10 +42,14 @@ def test_layout_round_trips_and_pads():
 
 
 @needs_vnni
-def test_integer_accumulator_is_exact_for_every_wxay():
+@pytest.mark.parametrize("params", [{"n_tile": 8}, {"n_tile": 4, "m_tile": 4}, {"n_tile": 8, "m_tile": 2},
+                                    {"n_tile": 2, "m_tile": 8}], ids=str)
+def test_integer_accumulator_is_exact_for_every_wxay(params):
+    """The GEMV kernel and the register-blocked prefill kernels (`m_tile`; M = 1, 3, 17
+    leave partial token blocks, N = 37 a partial row block)."""
     for wbits, abits in itertools.product(BITS, BITS):
         shape = KernelShape(n=N, k=K, wbits=wbits, abits=abits)
-        kern = Kernel(build("vnni", shape, {"n_tile": 8}, functions=("acc",)), "vnni", shape, {})
+        kern = Kernel(build("vnni", shape, params, functions=("acc",)), "vnni", shape, params)
         wq = _codes(N, K, wbits, wbits)
         pw = pack_weight(wq, torch.ones(N, 1), torch.zeros(N, 1), shape, "vnni")
         for m in MS:
@@ -73,19 +78,30 @@ def test_activation_codes_kernel_equals_the_fake_quant_grid(abits, symmetric):
 
 
 @needs_vnni
-@pytest.mark.parametrize("wbits, abits, n_tile", [(1, 1, 4), (2, 8, 8), (4, 4, 16), (3, 8, 8), (8, 8, 4),
-                                                  (6, 2, 16)])
-def test_float_output_matches_fake_quant(wbits, abits, n_tile):
+@pytest.mark.parametrize("wbits, abits, params", [
+    (1, 1, {"n_tile": 4}), (2, 8, {"n_tile": 8}), (4, 4, {"n_tile": 16}), (3, 8, {"n_tile": 8}),
+    (8, 8, {"n_tile": 4}), (6, 2, {"n_tile": 16}), (4, 8, {"n_tile": 4, "m_tile": 4}),
+    (8, 8, {"n_tile": 2, "m_tile": 8}), (2, 3, {"n_tile": 8, "m_tile": 2})])
+def test_float_output_matches_fake_quant(wbits, abits, params):
     g = torch.Generator().manual_seed(wbits * 10 + abits)
     shape = KernelShape(n=N, k=K, wbits=wbits, abits=abits)
     codes = _codes(N, K, wbits, abits)
     scale = torch.rand(N, 1, generator=g) + 0.1
     zero = torch.randint(0, 1 << wbits, (N, 1), generator=g).float()
     x = torch.randn(5, K, generator=g)
-    kern = Kernel(build("vnni", shape, {"n_tile": n_tile}), "vnni", shape, {"n_tile": n_tile})
+    kern = Kernel(build("vnni", shape, params), "vnni", shape, params)
     y = kern(x, pack_weight(codes, scale, zero, shape, "vnni"))
     ref = reference(x, codes, scale, zero, shape)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def test_register_block_is_checked():
+    """A block that would spill its accumulators, or a row tile that splits the padding, is refused."""
+    shape = KernelShape(n=N, k=K, wbits=4, abits=8)
+    with pytest.raises(ValueError, match="8 x 6 block needs 62 vector registers"):
+        vnni_gemm(shape, n_tile=8, m_tile=6)
+    with pytest.raises(ValueError, match="n_tile=3 must divide 16"):
+        vnni_gemm(shape, n_tile=3, m_tile=2)
 
 
 def test_vnni_format_refuses_groups_and_float_activations():

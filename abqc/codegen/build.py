@@ -40,6 +40,11 @@ def build(formulation: str, shape: KernelShape, params: dict[str, Any], target=N
                                "avx512bw), which this one lacks; re-compile the model here so its "
                                "weights are packed for another formulation")
         p = {**VNNI_DEFAULT, **params}
+        if p.get("m_tile", 1) > 1:  # the prefill kernel: a register block of rows x tokens
+            from .vnni_gemm import BUILD_CONFIG, vnni_gemm
+            funcs = {name: vnni_gemm(shape, name == "main", p["n_tile"], p["m_tile"])
+                     for name in functions}
+            return _compile(funcs, target, BUILD_CONFIG)
         funcs = {name: vnni(shape, name == "main", p["n_tile"], p["chains"]) for name in functions}
     elif formulation not in COMPUTES:
         raise ValueError(f"formulation={formulation!r} is not one of {sorted(COMPUTES) + ['unpack', 'vnni']}")
@@ -47,5 +52,15 @@ def build(formulation: str, shape: KernelShape, params: dict[str, Any], target=N
         make = COMPUTES[formulation]
         funcs = {name: schedule(make(shape, name == "main"), params, epilogue=name == "main")
                  for name in functions}
+    return _compile(funcs, target)
+
+
+def _compile(funcs: dict, target, config: dict | None = None):
+    """tvm.compile the named PrimFuncs, under the current PassContext plus `config`."""
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
-    return tvm.compile(mod, target=target or host_target())
+    if not config:
+        return tvm.compile(mod, target=target or host_target())
+    ctx = tvm.transform.PassContext.current()
+    with tvm.transform.PassContext(opt_level=ctx.opt_level, config={**ctx.config, **config},
+                                   instruments=list(ctx.instruments)):
+        return tvm.compile(mod, target=target or host_target())

@@ -31,6 +31,7 @@ from .kernel import Kernel, pack_weight
 from .tuning_log import TuningLog  # noqa: F401  (re-exported)
 from .schedule import ORDERS
 from .vnni import N_TILES as VNNI_TILES, vnni_supported
+from .vnni_gemm import BLOCKS as VNNI_BLOCKS
 
 log = logging.getLogger("abqc")
 
@@ -82,6 +83,8 @@ def candidates(shape: KernelShape, m: int) -> list[tuple[str, dict[str, Any]]]:
     out = [("unpack", p) for p in unpack_candidates(m)]
     if vnni_fits(shape):
         out += [("vnni", {"n_tile": t, "chains": c}) for t in VNNI_TILES for c in (1, 2)]
+        if m_bucket(m) > 1:  # register blocks of rows x tokens (`vnni_gemm`)
+            out += [("vnni", {"n_tile": nt, "m_tile": mt}) for nt, mt in VNNI_BLOCKS]
     for form in forms:
         for order in ORDERS:
             if order == "bits_inner" and form.endswith("lut"):

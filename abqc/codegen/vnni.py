@@ -107,6 +107,96 @@ def _bcast(value, lanes: int):
     return value if lanes == 1 else tirx.Broadcast(value, lanes)
 
 
+def declare_args(shape: KernelShape, with_epilogue: bool) -> dict:
+    """The PrimFunc's arguments (inside ``T.prim_func()``): ``main`` takes activation codes,
+    the packed weight, the per-token grid and sums, the per-row grid and sums, K and ``y``;
+    ``acc`` (a test aid) the codes, the weight and the int32 accumulator [M, N, 1] as ``y``."""
+    n, wbits = shape.n, shape.wbits
+    T.func_name("main" if with_epilogue else "acc")
+    T.func_attr({"tir.noalias": True})
+    names = ("x", "w", "sx", "zx", "sumx", "sw", "zw", "sumw", "kg", "y") if with_epilogue \
+        else ("x", "w", "y")
+    h = {name: T.arg(name if name != "y" or with_epilogue else "c", T.handle()) for name in names}
+    M = T.int32()
+    B = {"M": M, "x": T.match_buffer(h["x"], (M, vnni_kp(shape.k, wbits)), "uint8"),
+         "w": T.match_buffer(h["w"], packed_shape(n, shape.k, wbits), "uint8")}
+    if not with_epilogue:
+        B["y"] = T.match_buffer(h["y"], (M, n, 1), "int32")
+        return B
+    for name, shp, dt in (("sx", (M,), "float32"), ("zx", (M,), "float32"),
+                          ("sumx", (M, 1), "int32"), ("sw", (n, 1), "float32"),
+                          ("zw", (n, 1), "float32"), ("sumw", (n, 1), "int32"),
+                          ("kg", (1,), "float32"), ("y", (M, n), "float32")):
+        B[name] = T.match_buffer(h[name], shp, dt)
+    return B
+
+
+def epilogue(B: dict, m, rows: list, acc, off: int):
+    """float32 ``s_x s_w (acc - z_w Σx - z_x Σw + K z_x z_w)`` (in float64) for token `m` and
+    `rows` (one row: scalar; several: a vector over them); `acc` is int32 with the same
+    lanes, without the 8-bit offset, which is added here (``off * Σx``)."""
+    lanes = len(rows)
+    f64 = "float64" if lanes == 1 else f"float64x{lanes}"
+
+    def c64(e, bc=False):
+        return tirx.Cast(f64, _bcast(e, lanes) if bc else e)
+
+    def per_row(buf):  # [n, 1] buffers: a vector load is not allowed on the first axis
+        if lanes == 1:
+            return buf[rows[0], 0]
+        return tirx.Shuffle([buf[r, 0] for r in rows], list(range(lanes)))
+
+    SX, ZX, SUMX, KG = B["sx"], B["zx"], B["sumx"], B["kg"]
+    acc64 = c64(acc + _bcast(off * SUMX[m, 0], lanes) if off else acc)
+    sw, zw, sumw = per_row(B["sw"]), per_row(B["zw"]), per_row(B["sumw"])
+    y64 = c64(sw) * (acc64 - c64(zw) * c64(SUMX[m, 0], True) - c64(ZX[m], True) * c64(sumw)
+                     + c64(KG[0], True) * c64(ZX[m], True) * c64(zw))
+    return tirx.Cast("float32" if lanes == 1 else f"float32x{lanes}", c64(SX[m], True) * y64)
+
+
+def x_sum(X, m, kp: int):
+    """Σ_k x[m, k] as an int32 expression (``acc`` adds the 8-bit offset with it; ``main`` is
+    given the sums)."""
+    ones = tirx.Broadcast(tirx.const(1, "uint8"), 64)
+    acc = tirx.Broadcast(tirx.const(0, "int32"), 16)
+    for k0 in range(0, kp, 64):
+        acc = _dot(acc, X[m, tirx.Ramp(k0, 1, 64)], ones)
+    return hsum(acc)
+
+
+def hsum_many(vectors: list):
+    """Lane sums of several int32x16 vectors (2, 4, 8 or 16 of them) as one vector, lane i the
+    sum of ``vectors[i]``: a tree of two-vector shuffles and adds (a few instructions per
+    vector instead of `hsum`'s fifteen)."""
+    count = len(vectors)
+    if count & (count - 1) or not 1 < count <= 16:
+        raise ValueError(f"hsum_many takes 2, 4, 8 or 16 vectors, got {count}")
+    level, group = list(vectors), 16  # each vector: 16 // group groups of `group` partial sums
+    while len(level) > 1:
+        half, groups = group // 2, 16 // group
+        lo = [g * group + t for g in range(groups) for t in range(half)]
+        hi = [i + half for i in lo]
+        lo, hi = lo + [16 + i for i in lo], hi + [16 + i for i in hi]
+        level = [tirx.Shuffle([a, b], lo) + tirx.Shuffle([a, b], hi)
+                 for a, b in zip(level[::2], level[1::2])]
+        group = half
+    v = level[0]
+    while group > 1:  # one vector: `count` groups, each summed in place
+        half = group // 2
+        lo = [g * group + t for g in range(count) for t in range(half)]
+        v = tirx.Shuffle([v], lo) + tirx.Shuffle([v], [i + half for i in lo])
+        group = half
+    return v
+
+
+def hsum(v):
+    """The sum of an int32x16 vector's lanes."""
+    total = tirx.Shuffle([v], [0])
+    for lane in range(1, 16):
+        total = total + tirx.Shuffle([v], [lane])
+    return total
+
+
 def vnni(shape: KernelShape, with_epilogue: bool = True, n_tile: int = VNNI_DEFAULT["n_tile"],
          chains: int = 1):
     """``acc`` [M, N, 1] int32 (exact), or ``main``: the accumulator and the epilogue.
@@ -149,21 +239,7 @@ def vnni(shape: KernelShape, with_epilogue: bool = True, n_tile: int = VNNI_DEFA
         acc = accs[0]
         for a in accs[1:]:
             acc = acc + a
-        total = tirx.Shuffle([acc], [0])
-        for lane in range(1, 16):
-            total = total + tirx.Shuffle([acc], [lane])
-        return total
-
-    def x_sum(X, m):
-        """Σ_k x[m, k] (for the 8-bit offset in ``acc``; ``main`` is given it)."""
-        ones = tirx.Broadcast(tirx.const(1, "uint8"), 64)
-        acc = tirx.Broadcast(tirx.const(0, "int32"), 16)
-        for b in range(nblocks):
-            acc = _dot(acc, xvec(X, m, b, 0), ones)
-        total = tirx.Shuffle([acc], [0])
-        for lane in range(1, 16):
-            total = total + tirx.Shuffle([acc], [lane])
-        return total
+        return hsum(acc)
 
     def tile_acc(X, W, m, no):
         return tirx.Shuffle([row_acc(X, W, m, no * nt + r) for r in range(nt)], list(range(nt)))
@@ -173,44 +249,14 @@ def vnni(shape: KernelShape, with_epilogue: bool = True, n_tile: int = VNNI_DEFA
 
     with IRBuilder() as ib:
         with T.prim_func():
-            T.func_name("main" if with_epilogue else "acc")
-            T.func_attr({"tir.noalias": True})
-            names = ("x", "w", "sx", "zx", "sumx", "sw", "zw", "sumw", "kg", "y") if with_epilogue \
-                else ("x", "w", "c")
-            handles = {name: T.arg(name, T.handle()) for name in names}
-            M = T.int32()
-            X = T.match_buffer(handles["x"], (M, kp), "uint8")
-            W = T.match_buffer(handles["w"], packed_shape(n, shape.k, wbits), "uint8")
-            if with_epilogue:
-                SX = T.match_buffer(handles["sx"], (M,), "float32")
-                ZX = T.match_buffer(handles["zx"], (M,), "float32")
-                SUMX = T.match_buffer(handles["sumx"], (M, 1), "int32")
-                SW = T.match_buffer(handles["sw"], (n, 1), "float32")
-                ZW = T.match_buffer(handles["zw"], (n, 1), "float32")
-                SUMW = T.match_buffer(handles["sumw"], (n, 1), "int32")
-                KG = T.match_buffer(handles["kg"], (1,), "float32")
-                OUT = T.match_buffer(handles["y"], (M, n), "float32")
-            else:
-                OUT = T.match_buffer(handles["c"], (M, n, 1), "int32")
+            B = declare_args(shape, with_epilogue)
+            M, X, W, OUT = B["M"], B["x"], B["w"], B["y"]
 
             def result(m, no, acc, lanes, r=0):
-                """The value stored for rows `rows(lanes, no, r)`: acc (+ the 8-bit offset), or
-                the epilogue ``s_x s_w (acc - z_w Σx - z_x Σw + K z_x z_w)`` in float64."""
                 if not with_epilogue:
-                    return acc + _bcast(off * x_sum(X, m), lanes) if off else acc
-                f64 = "float64" if lanes == 1 else f"float64x{lanes}"
-
-                def c64(e, bc=False):
-                    return tirx.Cast(f64, _bcast(e, lanes) if bc else e)
-                acc64 = c64(acc + _bcast(off * SUMX[m, 0], lanes) if off else acc)
-                def per_row(buf):  # [n, 1] buffers: a vector load is not allowed on the first axis
-                    if lanes == 1:
-                        return buf[no * nt + r, 0]
-                    return tirx.Shuffle([buf[no * nt + i, 0] for i in range(lanes)], list(range(lanes)))
-                sw, zw, sumw = per_row(SW), per_row(ZW), per_row(SUMW)
-                y64 = c64(sw) * (acc64 - c64(zw) * c64(SUMX[m, 0], True) - c64(ZX[m], True) * c64(sumw)
-                                 + c64(KG[0], True) * c64(ZX[m], True) * c64(zw))
-                return tirx.Cast("float32" if lanes == 1 else f"float32x{lanes}", c64(SX[m], True) * y64)
+                    return acc + _bcast(off * x_sum(X, m, kp), lanes) if off else acc
+                rows_ = [no * nt + r] if lanes == 1 else [no * nt + i for i in range(lanes)]
+                return epilogue(B, m, rows_, acc, off)
 
             def store(m, j, value):
                 T.buffer_store(OUT, value, [m, j] if with_epilogue else [m, j, 0])

@@ -1,0 +1,118 @@
+"""The ``vnni`` formulation for prefill (M > 1): a register block of rows x tokens.
+
+Why: the GEMV kernel (`vnni.vnni`) walks one (token, row) dot product at a time, so every
+token re-loads and re-decodes its tile's weights: about three vector operations per
+``vpdpbusd``. Here each step of the K loop loads and decodes `n_tile` weight vectors and
+`m_tile` activation vectors once and feeds `n_tile * m_tile` ``vpdpbusd`` from them, into as
+many accumulators held in registers (4 x 4: 16 accumulators, 8 operands, under AVX-512's 32
+registers). The weight layout, the activation codes and the epilogue are the GEMV kernel's,
+so one packed weight serves both and the tuner picks per M bucket.
+
+The accumulators are small local buffers. TVM would place them in its workspace heap, where
+LLVM cannot keep them in registers; they are marked ``disable_lower_builtin`` (stack
+allocations, which LLVM promotes) and the build turns off ``StorageRewrite``, which would
+merge them and drop the mark (`BUILD_CONFIG`).
+
+Rows are the parallel loop (each tile's weights stay in L1 while every token block passes);
+token blocks run inside. A last, partial token block reads the last token again in its empty
+slots and stores nothing for them.
+"""
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from .compute import KernelShape
+from .vnni import (NP_ALIGN, _bcast, _dot, block_codes, declare_args, epilogue, hsum, hsum_many,
+                   padded_n, storage_bits, vnni_kp, x_sum)
+
+#: the pass configuration these kernels are built under (see the module docstring)
+BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
+#: (n_tile, m_tile) register blocks the tuner tries: accumulators + operands <= 32 registers
+BLOCKS = ((4, 4), (8, 2), (4, 5), (2, 8))
+VECTOR_REGISTERS = 32
+
+
+def vnni_gemm(shape: KernelShape, with_epilogue: bool = True, n_tile: int = 4, m_tile: int = 4):
+    """``main`` (accumulate + epilogue) or ``acc`` (int32 [M, N, 1], exact) with an
+    `n_tile` x `m_tile` register block."""
+    if shape.group_size or shape.abits > 8:
+        raise ValueError(f"vnni takes per-channel weights and abits <= 8, got group_size="
+                         f"{shape.group_size}, abits={shape.abits}")
+    if NP_ALIGN % n_tile:
+        raise ValueError(f"n_tile={n_tile} must divide {NP_ALIGN}")
+    if m_tile < 1 or n_tile * m_tile + n_tile + m_tile > VECTOR_REGISTERS:
+        raise ValueError(f"a {n_tile} x {m_tile} block needs {n_tile * m_tile + n_tile + m_tile} "
+                         f"vector registers, more than AVX-512's {VECTOR_REGISTERS}")
+    n, wbits = shape.n, shape.wbits
+    sb = storage_bits(wbits)
+    per, kp, bcodes = 8 // sb, vnni_kp(shape.k, wbits), block_codes(wbits)
+    nblocks, nt, mt = kp // bcodes, n_tile, m_tile
+    mask = tirx.Broadcast(tirx.const((1 << sb) - 1, "uint8"), 64)
+    off = 128 if wbits == 8 else 0  # 8-bit codes are stored minus 128: add 128 * Σx back
+    lanes16 = tirx.Ramp(0, 1, 16)
+
+    with IRBuilder() as ib:
+        with T.prim_func():
+            B = declare_args(shape, with_epilogue)
+            M, X, W, OUT = B["M"], B["x"], B["w"], B["y"]
+            with T.parallel(0, padded_n(n) // nt) as no:
+                with T.serial(0, (M + mt - 1) // mt) as mo:
+                    acc = [[T.alloc_local((16,), "int32", annotations={"disable_lower_builtin": True})
+                            for _ in range(mt)] for _ in range(nt)]
+                    for r in range(nt):
+                        for j in range(mt):
+                            T.buffer_store(acc[r][j], tirx.Broadcast(tirx.const(0, "int32"), 16),
+                                           [lanes16])
+                    tokens = [tirx.min(mo * mt + j, M - 1) for j in range(mt)]
+                    with T.serial(0, nblocks) as b:
+                        for t in range(per):
+                            wv = []
+                            for r in range(nt):
+                                w = W[no * nt + r, b, tirx.Ramp(0, 1, 64)]
+                                if sb != 8:
+                                    w = (w >> tirx.Broadcast(tirx.const(t * sb, "uint8"), 64)) & mask
+                                wv.append(w)
+                            xv = [X[tok, tirx.Ramp(b * bcodes + t * 64, 1, 64)] for tok in tokens]
+                            for r in range(nt):
+                                for j in range(mt):
+                                    T.buffer_store(acc[r][j], _dot(acc[r][j][lanes16], xv[j], wv[r]),
+                                                   [lanes16])
+                    for j in range(mt):
+                        m = mo * mt + j
+                        sums = hsum_many([acc[r][j][lanes16] for r in range(nt)]) if nt > 1 \
+                            else hsum(acc[0][j][lanes16])
+                        with T.If(m < M):
+                            with T.Then():
+                                store_rows(B, m, no * nt, sums, nt, n, with_epilogue, off, kp)
+    return ib.get()
+
+
+def store_rows(B: dict, m, row0, sums, nt: int, n: int, with_epilogue: bool, off: int, kp: int):
+    """Store token `m`'s results for rows ``row0 .. row0 + nt`` from their int32 sums (a vector
+    of `nt` lanes): one vector store where every row exists, else row by row."""
+    OUT = B["y"]
+
+    def value(rows, acc):
+        if with_epilogue:
+            return epilogue(B, m, rows, acc, off)
+        return acc + _bcast(off * x_sum(B["x"], m, kp), len(rows)) if off else acc
+
+    def by_row():
+        for r in range(nt):
+            with T.If(row0 + r < n):
+                with T.Then():
+                    lane = sums if nt == 1 else tirx.Shuffle([sums], [r])
+                    index = [m, row0 + r] if with_epilogue else [m, row0 + r, 0]
+                    T.buffer_store(OUT, value([row0 + r], lane), index)
+
+    if not with_epilogue or nt == 1:  # (``acc`` [M, N, 1] cannot take a vector store on N)
+        by_row()
+        return
+    with T.If(row0 + nt <= n):
+        with T.Then():
+            T.buffer_store(OUT, value([row0 + r for r in range(nt)], sums),
+                           [m, tirx.Ramp(row0, 1, nt)])
+        with T.Else():
+            by_row()
