@@ -69,7 +69,10 @@ def child_torch(n: int, k: int, m: int) -> dict:
     return {"fp32_ms": fp32, "fbgemm_int8_ms": fbgemm}
 
 
-def child_abqc(n: int, k: int, bits: str, ms: list[int], quick: bool) -> list[dict]:
+def child_abqc(n: int, k: int, bits: str, ms: list[int], quick: bool,
+               formulations: list[str] | None = None, extra: dict | None = None) -> list[dict]:
+    """Tune (shape, bits) per M; `formulations` limits the space (``vnni_gemm``: the
+    register-blocked vnni schedules only), `extra` adds schedules per M (an earlier winner)."""
     from abqc.codegen.compute import KernelShape
     from abqc.codegen.tuning import TuningLog, candidates, tune
 
@@ -81,6 +84,10 @@ def child_abqc(n: int, k: int, bits: str, ms: list[int], quick: bool) -> list[di
         space = candidates(shape, m)
         if quick:  # unpack's and vnni's schedules, one tile size of bitserial and lut
             space = [(f, p) for f, p in space if f in ("unpack", "vnni") or p.get("n_tile") == 16]
+        if formulations:
+            space = [(f, p) for f, p in space if f in formulations
+                     or ("vnni_gemm" in formulations and f == "vnni" and p.get("m_tile", 1) > 1)]
+        space += [tuple(e) for e in (extra or {}).get(str(m), []) if tuple(e) not in space]
         rec = tune(shape, m, log, space=space)
         out.append({"m": m, "ms": rec["ms"], "formulation": rec["formulation"],
                     "params": rec["params"], "candidates": len(rec["candidates"]),
@@ -89,6 +96,19 @@ def child_abqc(n: int, k: int, bits: str, ms: list[int], quick: bool) -> list[di
                         f: min(c["ms"] for c in rec["candidates"] if c["formulation"] == f)
                         for f in {c["formulation"] for c in rec["candidates"]}}})
     return out
+
+
+def _merge(old: dict, new: dict) -> dict:
+    """A row re-run on part of the space (with the old winner measured again beside it): the
+    new times replace the old ones per formulation; the winner is the fastest of all."""
+    best = {**old.get("best_per_formulation", {}), **new["best_per_formulation"]}
+    won = new if new["ms"] <= min(best.values()) else old
+    return {"m": new["m"], "ms": min(best.values()), "formulation": won["formulation"],
+            "params": won.get("params"), "candidates": old.get("candidates", 0) + new["candidates"],
+            "tuning_s": round(old.get("tuning_s", 0) + new["tuning_s"], 2),
+            "best_per_formulation": best,
+            "updated": {"earlier_ms": old["ms"], "earlier_params": old.get("params"),
+                        "rerun": new["best_per_formulation"], "rerun_params": new["params"]}}
 
 
 def child_micro() -> dict:
@@ -154,6 +174,12 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true",
                     help="keep the entries already in --out and run only the missing ones (each "
                          "row carries the baselines measured beside it)")
+    ap.add_argument("--formulations", default=None,
+                    help="tune only these (comma-separated; vnni_gemm = the register-blocked vnni "
+                         "schedules)")
+    ap.add_argument("--update", action="store_true",
+                    help="with --formulations: re-run rows already in --out against the row's "
+                         "earlier winner, measured again in this run, and merge the times")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -176,12 +202,15 @@ def main() -> None:
     print(json.dumps(report["micro"]), flush=True)
     bw = report["micro"]["bandwidth_gb_s"]
     done: set = set()
-    if args.resume and os.path.exists(args.out):
+    if args.update and not args.formulations:
+        ap.error("--update needs --formulations (what to re-run)")
+    forms = args.formulations.split(",") if args.formulations else None
+    if (args.resume or args.update) and os.path.exists(args.out):
         with open(args.out) as f:
             old = json.load(f)
         report["results"], report["baselines"] = old["results"], old["baselines"]
         report["commands"] = old.get("commands", [old["command"]]) + [report["command"]]
-        done = {(r["n"], r["k"], r["bits"], r["m"]) for r in report["results"]}
+        done = set() if args.update else {(r["n"], r["k"], r["bits"], r["m"]) for r in report["results"]}
         first = {}
         for b in report["baselines"]:  # older rows: the baseline of their own run
             first.setdefault((b["n"], b["k"], b["m"]), b)
@@ -201,8 +230,18 @@ def main() -> None:
             report["baselines"].append({"n": n, "k": k, "m": m, **base[m]})
         for bits, bms in todo.items():
             wbits, abits, _ = _bits(bits)
-            rows = run_child("abqc", {"n": n, "k": k, "bits": bits, "ms": bms, "quick": args.quick}, env)
+            earlier = {r["m"]: r for r in report["results"]
+                       if (r["n"], r["k"], r["bits"]) == (n, k, bits) and r["m"] in bms}
+            if args.update and not earlier:
+                continue
+            job = {"n": n, "k": k, "bits": bits, "ms": bms, "quick": args.quick, "formulations": forms,
+                   "extra": {str(m): [[r["formulation"], r["params"]]] for m, r in earlier.items()
+                             if args.update and "params" in r}}
+            rows = run_child("abqc", job, env)
             for r in rows:
+                if args.update and r["m"] in earlier:
+                    r = _merge(earlier[r["m"]], r)
+                    report["results"].remove(earlier[r["m"]])
                 wbytes = n * k * wbits / 8
                 roof_ms = wbytes / (bw * 1e9) * 1e3
                 row = {"n": n, "k": k, "bits": bits, **r,

@@ -9,6 +9,7 @@ from abqc.codegen import tuning
 from abqc.codegen.compute import KernelShape
 from abqc.codegen.kernel import pack_weight, reference
 from abqc.codegen.vnni import vnni_supported
+from abqc.codegen.vnni_gemm import BLOCKS as VNNI_BLOCKS
 from abqc.quantizer import compute_qparams, quantize
 
 SHAPE = KernelShape(n=24, k=130, wbits=2, abits=4)
@@ -51,6 +52,10 @@ def test_m_buckets_and_search_space():
     assert len([c for c in gemm if c[0] in ("bitserial", "lut")]) == 2 * len(integer)  # + m placement
     assert {p["decode"] for f, p in gemv if f == "unpack"} == {"inline"}
     assert {p["decode"] for f, p in gemm if f == "unpack"} == {"inline", "panel"}
+    if vnni:  # register blocks of rows x tokens only where there are several tokens
+        assert not [p for f, p in gemv if f == "vnni" and p.get("m_tile", 1) > 1]
+        assert {(p["n_tile"], p["m_tile"]) for f, p in gemm if f == "vnni" and "m_tile" in p} == \
+            set(VNNI_BLOCKS)
     assert {f for f, _ in tuning.candidates(KernelShape(24, 130, 4, 16), 1)} == \
         {"wo_bitserial", "wo_lut", "unpack"}
 

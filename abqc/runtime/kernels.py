@@ -27,8 +27,8 @@ DEFAULT_PARAMS = {"order": "k_inner", "n_tile": 16, "m_outer": True}
 
 
 def _default(formulation: str, m: int) -> dict:
-    if formulation == "vnni":
-        return dict(VNNI_DEFAULT)
+    if formulation == "vnni":  # GEMV, or a 4 x 4 register block of rows x tokens for prefill
+        return dict(VNNI_DEFAULT) if m_bucket(m) == 1 else {"n_tile": 4, "m_tile": 4}
     return default_unpack_params(m) if formulation == "unpack" else dict(DEFAULT_PARAMS)
 
 
