@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--group-size", type=int, default=0)
     t.add_argument("--log", default=None, metavar="PATH", help="tuning log (default: the cache's)")
     t.add_argument("--show", action="store_true", help="print the tuning log as a table and exit")
+    t.add_argument("--extend", action="store_true",
+                   help="for keys already tuned, measure the schedules their record has not tried "
+                        "(added by a newer abqc) and keep the fastest")
     t.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="tune CPU kernels (default) or the b1 tensor-core kernels of the current GPU")
     return parser
@@ -234,6 +237,8 @@ def cmd_tune(args) -> int:
     for w, a in bits:
         if w not in WEIGHT_BITS or a not in ACT_BITS:
             raise AbqcError(f"W{w}A{a} is not allowed; weights 1..8, activations 1..8 or 16")
+    if args.device == "cuda" and args.extend:
+        raise AbqcError("--extend applies to the CPU tuner; the CUDA tuner has no added schedules to try")
     if args.device == "cuda":
         import torch
 
@@ -252,7 +257,7 @@ def cmd_tune(args) -> int:
             for m in ms:
                 shape = KernelShape(n, k, w, a, args.group_size)
                 rec = cuda_rt.tune(shape, m, "cuda", tlog) if args.device == "cuda" else \
-                    tuning.tune(shape, m, tlog, progress=not args.quiet)
+                    tuning.tune(shape, m, tlog, progress=not args.quiet, extend=args.extend)
                 print(f"{rec['key']}: {rec['formulation']} {json.dumps(rec['params'])} {rec['ms']:.4f} ms")
     print(f"tuning log: {tlog.path}")
     return 0

@@ -40,6 +40,24 @@ def test_tuning_log_is_written_reread_and_not_retuned(cache, monkeypatch):
     assert rec["key"] in table and rec["formulation"] in table
 
 
+def test_extend_measures_only_what_a_record_has_not_tried(cache, monkeypatch):
+    """A newer abqc adds schedules: `extend` builds just those, keeps the fastest of all, and
+    a second extend builds nothing."""
+    first = tuning.tune(SHAPE, 1, space=SPACE)
+    new = ("bitserial", {"order": "bits_inner", "n_tile": 8, "m_outer": True})
+    real_build, built = tuning.build, []
+    monkeypatch.setattr(tuning, "build", lambda f, s, p, *a, **k: built.append((f, p)) or real_build(f, s, p, *a, **k))
+    assert tuning.tune(SHAPE, 1, tuning.TuningLog(), space=SPACE + [new]) == first  # not re-tuned
+    assert built == []
+    rec = tuning.tune(SHAPE, 1, tuning.TuningLog(), space=SPACE + [new], extend=True)
+    assert built == [new]
+    assert [(c["formulation"], c["params"]) for c in rec["candidates"]] == SPACE + [new]
+    assert rec["ms"] == min(c["ms"] for c in rec["candidates"])
+    assert tuning.TuningLog().get(rec["key"])["candidates"] == rec["candidates"]  # written
+    tuning.tune(SHAPE, 1, tuning.TuningLog(), space=SPACE + [new], extend=True)
+    assert built == [new]
+
+
 def test_m_buckets_and_search_space():
     assert [tuning.m_bucket(m) for m in (1, 2, 16, 17, 500)] == [1, 16, 16, 128, 128]
     gemv = tuning.candidates(SHAPE, 1)

@@ -156,17 +156,30 @@ def load_or_build(shape: KernelShape, m: int, formulation: str, params: dict, ta
     return Kernel(ex, formulation, shape, params, key)
 
 
+def _candidate_id(formulation: str, params: dict) -> str:
+    return json.dumps([formulation, params], sort_keys=True)
+
+
 def tune(shape: KernelShape, m: int, tuning_log: TuningLog | None = None, target=None,
-         space: Iterable[tuple[str, dict]] | None = None, progress: bool = False) -> dict:
-    """Measure every candidate for (shape, M bucket), log the best; known keys return at once."""
+         space: Iterable[tuple[str, dict]] | None = None, progress: bool = False,
+         extend: bool = False) -> dict:
+    """Measure every candidate for (shape, M bucket), log the best; known keys return at once.
+
+    With `extend`, a known key measures the candidates its record has not tried (schedules a
+    newer abqc added) and keeps the fastest of old and new; nothing else re-tunes a key."""
     tuning_log = tuning_log or TuningLog()
     key = tuning_key(shape, m, target)
     known = tuning_log.get(key)
-    if known is not None:
-        return known
     mb = m_bucket(m)
-    tried = []
     cands = list(space if space is not None else candidates(shape, mb))
+    if known is not None:
+        if not extend:
+            return known
+        seen = {_candidate_id(c["formulation"], c["params"]) for c in known.get("candidates", [])}
+        cands = [(f, p) for f, p in cands if _candidate_id(f, p) not in seen]
+        if not cands:
+            return known
+    tried = []
     t0 = time.perf_counter()
     for form, params in cands:
         kern = Kernel(build(form, shape, params, target, functions=("main",)), form, shape, params, key)
@@ -174,6 +187,10 @@ def tune(shape: KernelShape, m: int, tuning_log: TuningLog | None = None, target
         tried.append({"formulation": form, "params": params, "ms": round(ms, 5)})
         if progress:
             log.info("  %-13s %-40s %.4f ms", form, json.dumps(params), ms)
+    if known is not None:
+        log.info("extending %s: %d new candidates beside %d tried on %s", key, len(tried),
+                 len(known.get("candidates", [])), known.get("date", "?")[:10])
+        tried = known.get("candidates", []) + tried
     best = min(tried, key=lambda r: r["ms"])
     record = {"key": key, "formulation": best["formulation"], "params": best["params"],
               "ms": best["ms"], "m": mb, "shape": {"n": shape.n, "k": shape.k, "wbits": shape.wbits,
