@@ -18,7 +18,8 @@ always the exact ``Σ_k xq[m, k] wq[n, k]``. The epilogue is the integer formula
 (float64, then float32).
 
 Schedule parameters: ``n_tile`` (rows per tile, one vector store), ``chains`` (independent
-accumulators per row); tiles run in parallel.
+accumulators per row); tiles run in parallel. With ``m_tile`` > 1 the same layout runs on the
+prefill kernel (`vnni_gemm`: a register block of ``n_tile`` rows x ``m_tile`` tokens).
 """
 from __future__ import annotations
 
@@ -204,8 +205,10 @@ def vnni(shape: KernelShape, with_epilogue: bool = True, n_tile: int = VNNI_DEFA
     Built with TVM's IR builder rather than TVMScript: each tile's whole K reduction is one
     expression (nested ``vpdpbusd`` calls, `chains` independent ones per row), so the
     accumulators live in registers. It is fully unrolled: code grows with K (seconds to build
-    at K = 4096, up to a minute at 11008). A buffer-held accumulator is stored back after every
-    instruction (the parallel body cannot prove it does not alias the inputs): 2x slower.
+    at K = 4096, up to a minute at 11008). (A buffer-held accumulator would sit in TVM's
+    workspace heap, loaded and stored around every instruction, unless marked as the prefill
+    kernel, `vnni_gemm`, marks its accumulators.) Tokens run one at a time: for M > 1 the
+    tuner also tries `vnni_gemm`, which reuses each decoded weight over a block of tokens.
     ``main``'s full tiles store `n_tile` outputs as one vector, the last, partial tile (and
     ``acc``, a test aid) row by row.
     """
