@@ -227,7 +227,8 @@ def main() -> None:
     report = {"benchmark": "e2e", "command": "python " + " ".join(sys.argv),
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info(),
               "model": "SmolLM2-135M-Instruct (FP32 = dequantized GGUF Q4_1)", "method": "rtn",
-              "prompt_tokens": args.prompt, "results": []}
+              "prompt_tokens": args.prompt, "results": [],
+              "env": {k: v for k, v in os.environ.items() if k.startswith(("TVM_", "OMP_", "ABQC_"))}}
     env = dict(os.environ, TVM_NUM_THREADS=str(args.tvm_threads), HF_HUB_OFFLINE="1",
                ABQC_TUNE="1" if args.tune else "0")
     for name in names:
