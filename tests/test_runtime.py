@@ -120,3 +120,44 @@ def test_generate_and_save_refuse_a_tree_missing_quantized_linears(tiny_models, 
         cm.save(tmp_path / "g32")
     assert not (tmp_path / "g32").exists()
     assert abqc.compile(tiny_models["llama"], wbits=4, abits=16, group_size=64).unlowered_linears() == {}
+
+
+@pytest.mark.parametrize("formulation, abits", [("vnni", 8), ("unpack", 8), ("unpack", 16)])
+def test_one_token_fast_path_matches_the_general_path(formulation, abits):
+    """A decode step (one token) takes `QuantLinear`'s cached fast path; it must give what the
+    general op gives for the same token, with bias, outliers and a bf16 input, and must notice
+    a replaced buffer."""
+    from abqc.codegen.vnni import vnni_supported
+    from abqc.runtime.format import QuantFormat
+    from abqc.runtime.qlinear import qlinear_impl
+
+    if formulation == "vnni" and not vnni_supported():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    g = torch.Generator().manual_seed(0)
+    n, k = 37, 200
+    fmt = QuantFormat(n, k, 4, abits, 0, False, formulation)
+    outliers = torch.sparse_coo_tensor(torch.tensor([[1, 5], [3, 7]]), torch.tensor([0.5, -2.0]),
+                                       (n, k), check_invariants=True).coalesce()
+    q = QuantLinear.from_codes(fmt, torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
+                               torch.rand(n, 1, generator=g) + 0.5, torch.zeros(n, 1),
+                               bias=torch.randn(n, generator=g), outliers=outliers)
+
+    others = torch.randn(4, k, generator=g)
+
+    def general(x):  # the token among others: the prefill kernel (M = 5), its first row
+        batch = torch.cat([x.reshape(1, k), others])
+        return qlinear_impl(batch, q.weight_packed, q.weight_scale, q.weight_zero_point,
+                            q.weight_sum, q.group_k, q.bias, q.outlier_indices, q.outlier_values,
+                            q.spec)[:1].reshape(*x.shape[:-1], n)
+
+    x = torch.randn(1, 1, k, generator=g)
+    y = q(x)
+    assert y.shape == (1, 1, n) and "_decode_state" in q.__dict__  # the fast path ran
+    torch.testing.assert_close(y, general(x), rtol=1e-6, atol=1e-6)
+    xb = x.bfloat16()
+    yb = q(xb)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb, general(xb.float()).bfloat16())
+    q.weight_scale = q.weight_scale * 2  # a new buffer: the cached views must not be reused
+    torch.testing.assert_close(q(x), general(x), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(q(x), y)

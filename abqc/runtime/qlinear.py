@@ -98,10 +98,14 @@ def _fake_quant_tokens(x: Tensor, fmt: QuantFormat) -> Tensor:
 
 
 def _tracing(x: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
+    """Whether export / compile / fx tracing is running (they must see the op)."""
+    if type(x) is not Tensor:  # a plain tensor cannot be fake: skip the import (hot path)
+        from torch._subclasses.fake_tensor import FakeTensor
 
-    return (isinstance(x, FakeTensor) or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting() or torch.fx._symbolic_trace.is_fx_tracing())
+        if isinstance(x, FakeTensor):
+            return True
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch.fx._symbolic_trace.is_fx_tracing())
 
 
 class QuantLinear(nn.Module):
@@ -181,8 +185,9 @@ class QuantLinear(nn.Module):
     def _decode_one(self, x: Tensor) -> Tensor:
         """One token (a decode step): the activation buffers and the TVM views of the packed
         weight are made once and reused; per call, only x and y cross DLPack."""
-        key = (self.weight_packed.data_ptr(), self.weight_scale.data_ptr(),
-               self.weight_zero_point.data_ptr())
+        b = self._buffers  # (hot path: see `_decode_one_vnni`)
+        key = (b["weight_packed"].data_ptr(), b["weight_scale"].data_ptr(),
+               b["weight_zero_point"].data_ptr())
         st = self.__dict__.get("_decode_state")
         if st is None or st[0] != key:
             kern = kernels.kernel(self.fmt, 1, self.spec)
@@ -203,17 +208,22 @@ class QuantLinear(nn.Module):
         y = torch.empty(1, self.fmt.n)
         aq(_dl(x2), xq_t, xs_t, 1)
         main(xq_t, w_t, s_t, z_t, xs_t, _dl(y), 1)
-        if self.outlier_indices is not None and self.outlier_indices.numel():
+        outliers, bias = b["outlier_indices"], b["bias"]
+        if outliers is not None and outliers.numel():
             y += torch.sparse.mm(self._outliers(), xq[:, :self.fmt.k].T).T
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*x.shape[:-1], self.fmt.n).to(x.dtype)
+        if bias is not None:
+            y += bias
+        y = y.view(*x.shape[:-1], self.fmt.n)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _decode_one_vnni(self, x: Tensor) -> Tensor:
         """One token on the vnni kernel: activation codes, grid and sums by one TVM kernel
-        into buffers made once, with the weight's TVM views (as `_decode_one`)."""
-        key = tuple(b.data_ptr() for b in (self.weight_packed, self.weight_scale,
-                                           self.weight_zero_point, self.weight_sum))
+        into buffers made once, with the weight's TVM views (as `_decode_one`). This runs
+        once per linear per generated token, so it reads buffers from ``_buffers`` directly
+        (nn.Module attribute lookup costs a microsecond each)."""
+        b = self._buffers
+        key = (b["weight_packed"].data_ptr(), b["weight_scale"].data_ptr(),
+               b["weight_zero_point"].data_ptr(), b["weight_sum"].data_ptr())
         st = self.__dict__.get("_decode_state")
         if st is None or st[0] != key:
             fmt = self.fmt
@@ -227,17 +237,20 @@ class QuantLinear(nn.Module):
             st = (key, aq, kernels.kernel(fmt, 1, self.spec)._main, bufs, views, wviews)
             self.__dict__["_decode_state"] = st
         _, aq, main, bufs, (xc, sx, zx, sumx), (w, sw, zw, sumw, kg) = st
-        x2 = x.reshape(1, self.fmt.k)
+        fmt = self.fmt
+        x2 = x.reshape(1, fmt.k)
         if x2.dtype != torch.float32:
             x2 = x2.float()
-        y = torch.empty(1, self.fmt.n)
+        y = torch.empty(1, fmt.n)
         aq(_dl(x2), xc, sx, zx, sumx)
         main(xc, w, sx, zx, sumx, sw, zw, sumw, kg, _dl(y))
-        if self.outlier_indices is not None and self.outlier_indices.numel():
-            y += torch.sparse.mm(self._outliers(), _fake_quant_tokens(x2, self.fmt).T).T
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*x.shape[:-1], self.fmt.n).to(x.dtype)
+        outliers, bias = b["outlier_indices"], b["bias"]
+        if outliers is not None and outliers.numel():
+            y += torch.sparse.mm(self._outliers(), _fake_quant_tokens(x2, fmt).T).T
+        if bias is not None:
+            y += bias
+        y = y.view(*x.shape[:-1], fmt.n)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _outliers(self) -> Tensor:
         return _outlier_matrix(self.outlier_indices, self.outlier_values, self.fmt)
