@@ -74,6 +74,8 @@ def test_m_buckets_and_search_space():
         assert not [p for f, p in gemv if f == "vnni" and p.get("m_tile", 1) > 1]
         assert {(p["n_tile"], p["m_tile"]) for f, p in gemm if f == "vnni" and "m_tile" in p} == \
             set(VNNI_BLOCKS)
+        assert len([p for f, p in gemv if f == "vnni"]) == 6  # GEMV: every tile x chains
+        assert len([p for f, p in gemm if f == "vnni" and "m_tile" not in p]) == 1  # one GEMV
     assert {f for f, _ in tuning.candidates(KernelShape(24, 130, 4, 16), 1)} == \
         {"wo_bitserial", "wo_lut", "unpack"}
 

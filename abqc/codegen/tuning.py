@@ -30,7 +30,7 @@ from .compute import FORMULATIONS, WO_FORMULATIONS, KernelShape
 from .kernel import Kernel, pack_weight
 from .tuning_log import TuningLog  # noqa: F401  (re-exported)
 from .schedule import ORDERS
-from .vnni import N_TILES as VNNI_TILES, vnni_supported
+from .vnni import N_TILES as VNNI_TILES, VNNI_DEFAULT, vnni_supported
 from .vnni_gemm import BLOCKS as VNNI_BLOCKS
 
 log = logging.getLogger("abqc")
@@ -82,8 +82,12 @@ def candidates(shape: KernelShape, m: int) -> list[tuple[str, dict[str, Any]]]:
     forms = WO_FORMULATIONS if shape.abits == 16 else FORMULATIONS
     out = [("unpack", p) for p in unpack_candidates(m)]
     if vnni_fits(shape):
-        out += [("vnni", {"n_tile": t, "chains": c}) for t in VNNI_TILES for c in (1, 2)]
-        if m_bucket(m) > 1:  # register blocks of rows x tokens (`vnni_gemm`)
+        if m_bucket(m) == 1:
+            out += [("vnni", {"n_tile": t, "chains": c}) for t in VNNI_TILES for c in (1, 2)]
+        else:  # register blocks of rows x tokens (`vnni_gemm`), and the GEMV kernel's default:
+            # of the 82 GEMM rows vnni won in bench/kernels.py, a GEMV schedule won 5, each by
+            # under 3%, and each GEMV candidate costs up to a minute to build (fully unrolled)
+            out += [("vnni", dict(VNNI_DEFAULT))]
             out += [("vnni", {"n_tile": nt, "m_tile": mt}) for nt, mt in VNNI_BLOCKS]
     for form in forms:
         for order in ORDERS:
