@@ -5,8 +5,9 @@ token re-loads and re-decodes its tile's weights: about three vector operations 
 ``vpdpbusd``. Here each step of the K loop loads and decodes `n_tile` weight vectors and
 `m_tile` activation vectors once and feeds `n_tile * m_tile` ``vpdpbusd`` from them, into as
 many accumulators held in registers (4 x 4: 16 accumulators, 8 operands, under AVX-512's 32
-registers). The weight layout, the activation codes and the epilogue are the GEMV kernel's,
-so one packed weight serves both and the tuner picks per M bucket.
+registers). The weight layout and the activation codes are the GEMV kernel's, so one packed
+weight serves both and the tuner picks per M bucket; the epilogue is the same formula with
+its per-row terms folded once per row tile (`row_constants`).
 
 The accumulators are small local buffers. TVM would place them in its workspace heap, where
 LLVM cannot keep them in registers; they are marked ``disable_lower_builtin`` (stack
@@ -26,8 +27,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .compute import KernelShape
-from .vnni import (NP_ALIGN, _bcast, _dot, block_codes, declare_args, epilogue, hsum, hsum_many,
-                   padded_n, storage_bits, vnni_kp, x_sum)
+from .vnni import (NP_ALIGN, _bcast, _dot, block_codes, declare_args, hsum, hsum_many, padded_n,
+                   storage_bits, vnni_kp, x_sum)
 
 #: the pass configuration these kernels are built under (see the module docstring)
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
@@ -60,6 +61,7 @@ def vnni_gemm(shape: KernelShape, with_epilogue: bool = True, n_tile: int = 4, m
             B = declare_args(shape, with_epilogue)
             M, X, W, OUT = B["M"], B["x"], B["w"], B["y"]
             with T.parallel(0, padded_n(n) // nt) as no:
+                consts = row_constants(B, no * nt, nt, n, off) if with_epilogue else None
                 with T.serial(0, (M + mt - 1) // mt) as mo:
                     acc = [[T.alloc_local((16,), "int32", annotations={"disable_lower_builtin": True})
                             for _ in range(mt)] for _ in range(nt)]
@@ -85,34 +87,73 @@ def vnni_gemm(shape: KernelShape, with_epilogue: bool = True, n_tile: int = 4, m
                         # dot products into it and lose the interleaving (see the module docstring)
                         sums = hsum_many([acc[r][j][lanes16] for r in range(nt)]) if nt > 1 \
                             else hsum(acc[0][j][lanes16])
-                        store_rows(B, tokens[j], no * nt, sums, nt, n, with_epilogue, off, kp)
+                        store_rows(B, tokens[j], no * nt, sums, nt, n, consts, off, kp)
     return ib.get()
 
 
-def store_rows(B: dict, m, row0, sums, nt: int, n: int, with_epilogue: bool, off: int, kp: int):
-    """Store token `m`'s results for rows ``row0 .. row0 + nt`` from their int32 sums (a vector
-    of `nt` lanes): one vector store where every row exists, else row by row."""
-    OUT = B["y"]
+def _local(lanes: int, dtype: str):
+    """A small register-promotable local buffer (see the module docstring)."""
+    return T.alloc_local((lanes,), dtype, annotations={"disable_lower_builtin": True})
 
-    def value(rows, acc):
-        if with_epilogue:
-            return epilogue(B, m, rows, acc, off)
-        return acc + _bcast(off * x_sum(B["x"], m, kp), len(rows)) if off else acc
+
+def row_constants(B: dict, row0, nt: int, n: int, off: int) -> tuple:
+    """Per-row epilogue constants of a row tile, computed once before its token blocks
+    (float64, `nt` lanes): ``s_w``, ``P = s_w z_w - off s_w`` and ``Q = s_w (Σw - K z_w)``, so
+    that ``y = s_x (s_w acc - P Σx - z_x Q)``, the GEMV epilogue's
+    ``s_x s_w (acc + off Σx - z_w Σx - z_x Σw + K z_x z_w)`` regrouped: three operations a
+    token instead of a dozen. Rows past N (the padding) read row N - 1 and are never stored."""
+    rows = [tirx.min(row0 + r, n - 1) for r in range(nt)]
+
+    def vec(values):
+        return values[0] if nt == 1 else tirx.Shuffle(values, list(range(nt)))
+
+    sw = [tirx.Cast("float64", B["sw"][r, 0]) for r in rows]
+    zw = [tirx.Cast("float64", B["zw"][r, 0]) for r in rows]
+    sumw = [tirx.Cast("float64", B["sumw"][r, 0]) for r in rows]
+    k = tirx.Cast("float64", B["kg"][0])
+    lanes = tirx.Ramp(0, 1, nt) if nt > 1 else 0
+    out = []
+    for values in (sw, [a * b - off * a for a, b in zip(sw, zw)],
+                   [a * (c - k * b) for a, b, c in zip(sw, zw, sumw)]):
+        buf = _local(nt, "float64")
+        T.buffer_store(buf, vec(values), [lanes])
+        out.append(buf[lanes])
+    return tuple(out)
+
+
+def store_rows(B: dict, m, row0, sums, nt: int, n: int, consts: tuple | None, off: int, kp: int):
+    """Store token `m`'s results for rows ``row0 .. row0 + nt`` from their int32 sums (a vector
+    of `nt` lanes): one vector store where every row exists, else row by row. With `consts`
+    (`row_constants`) the float epilogue, without it the exact accumulator (``acc``)."""
+    OUT, with_epilogue = B["y"], consts is not None
+
+    def lane(v, r):
+        return v if nt == 1 else tirx.Shuffle([v], [r])
+
+    def value(acc, c, lanes):
+        if not with_epilogue:
+            return acc + _bcast(off * x_sum(B["x"], m, kp), lanes) if off else acc
+        f64 = "float64" if lanes == 1 else f"float64x{lanes}"
+        sw, p, q = c
+
+        def bc(e):
+            return _bcast(tirx.Cast("float64", e), lanes)
+        y = bc(B["sx"][m]) * (sw * tirx.Cast(f64, acc) - p * bc(B["sumx"][m, 0]) - bc(B["zx"][m]) * q)
+        return tirx.Cast("float32" if lanes == 1 else f"float32x{lanes}", y)
 
     def by_row():
         for r in range(nt):
             with T.If(row0 + r < n):
                 with T.Then():
-                    lane = sums if nt == 1 else tirx.Shuffle([sums], [r])
+                    c = tuple(lane(v, r) for v in consts) if with_epilogue else None
                     index = [m, row0 + r] if with_epilogue else [m, row0 + r, 0]
-                    T.buffer_store(OUT, value([row0 + r], lane), index)
+                    T.buffer_store(OUT, value(lane(sums, r), c, 1), index)
 
     if not with_epilogue or nt == 1:  # (``acc`` [M, N, 1] cannot take a vector store on N)
         by_row()
         return
     with T.If(row0 + nt <= n):
         with T.Then():
-            T.buffer_store(OUT, value([row0 + r for r in range(nt)], sums),
-                           [m, tirx.Ramp(row0, 1, nt)])
+            T.buffer_store(OUT, value(sums, consts, nt), [m, tirx.Ramp(row0, 1, nt)])
         with T.Else():
             by_row()
