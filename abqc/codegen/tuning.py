@@ -174,11 +174,11 @@ def tune(shape: KernelShape, m: int, tuning_log: TuningLog | None = None, target
     tuning_log = tuning_log or TuningLog()
     key = tuning_key(shape, m, target)
     known = tuning_log.get(key)
+    if known is not None and not extend:
+        return known
     mb = m_bucket(m)
     cands = list(space if space is not None else candidates(shape, mb))
     if known is not None:
-        if not extend:
-            return known
         seen = {_candidate_id(c["formulation"], c["params"]) for c in known.get("candidates", [])}
         cands = [(f, p) for f, p in cands if _candidate_id(f, p) not in seen]
         if not cands:

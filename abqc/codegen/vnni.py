@@ -108,6 +108,13 @@ def _bcast(value, lanes: int):
     return value if lanes == 1 else tirx.Broadcast(value, lanes)
 
 
+def check_shape(shape: KernelShape) -> None:
+    """The vnni kernels take per-channel weights and integer activations of at most 8 bits."""
+    if shape.group_size or shape.abits > 8:
+        raise ValueError(f"vnni takes per-channel weights and abits <= 8, got group_size="
+                         f"{shape.group_size}, abits={shape.abits}")
+
+
 def declare_args(shape: KernelShape, with_epilogue: bool) -> dict:
     """The PrimFunc's arguments (inside ``T.prim_func()``): ``main`` takes activation codes,
     the packed weight, the per-token grid and sums, the per-row grid and sums, K and ``y``;
@@ -205,16 +212,14 @@ def vnni(shape: KernelShape, with_epilogue: bool = True, n_tile: int = VNNI_DEFA
     Built with TVM's IR builder rather than TVMScript: each tile's whole K reduction is one
     expression (nested ``vpdpbusd`` calls, `chains` independent ones per row), so the
     accumulators live in registers. It is fully unrolled: code grows with K (seconds to build
-    at K = 4096, up to a minute at 11008). (A buffer-held accumulator would sit in TVM's
-    workspace heap, loaded and stored around every instruction, unless marked as the prefill
-    kernel, `vnni_gemm`, marks its accumulators.) Tokens run one at a time: for M > 1 the
-    tuner also tries `vnni_gemm`, which reuses each decoded weight over a block of tokens.
+    at K = 4096, up to a minute at 11008). (A plain local buffer would sit in TVM's workspace
+    heap, loaded and stored around every instruction; `vnni_gemm` shows how to keep one in
+    registers.) Tokens run one at a time: for M > 1 the tuner also tries `vnni_gemm`, which
+    reuses each decoded weight over a block of tokens.
     ``main``'s full tiles store `n_tile` outputs as one vector, the last, partial tile (and
     ``acc``, a test aid) row by row.
     """
-    if shape.group_size or shape.abits > 8:
-        raise ValueError(f"vnni takes per-channel weights and abits <= 8, got group_size="
-                         f"{shape.group_size}, abits={shape.abits}")
+    check_shape(shape)
     if NP_ALIGN % n_tile:
         raise ValueError(f"n_tile={n_tile} must divide {NP_ALIGN}; use one of {N_TILES}")
     n, wbits = shape.n, shape.wbits

@@ -27,22 +27,28 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .compute import KernelShape
-from .vnni import (NP_ALIGN, _bcast, _dot, block_codes, declare_args, hsum, hsum_many, padded_n,
-                   storage_bits, vnni_kp, x_sum)
+from .vnni import (NP_ALIGN, _bcast, _dot, block_codes, check_shape, declare_args, hsum, hsum_many,
+                   padded_n, storage_bits, vnni_kp, x_sum)
 
 #: the pass configuration these kernels are built under (see the module docstring)
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 #: (n_tile, m_tile) register blocks the tuner tries: accumulators + operands <= 32 registers
 BLOCKS = ((4, 4), (8, 2), (4, 5), (2, 8))
+#: the block used where the tuning log knows nothing
+GEMM_DEFAULT = {"n_tile": 4, "m_tile": 4}
 VECTOR_REGISTERS = 32
 
 
-def vnni_gemm(shape: KernelShape, with_epilogue: bool = True, n_tile: int = 4, m_tile: int = 4):
+def _local(lanes: int, dtype: str):
+    """A small register-promotable local buffer (see the module docstring)."""
+    return T.alloc_local((lanes,), dtype, annotations={"disable_lower_builtin": True})
+
+
+def vnni_gemm(shape: KernelShape, with_epilogue: bool = True, n_tile: int = GEMM_DEFAULT["n_tile"],
+              m_tile: int = GEMM_DEFAULT["m_tile"]):
     """``main`` (accumulate + epilogue) or ``acc`` (int32 [M, N, 1], exact) with an
     `n_tile` x `m_tile` register block."""
-    if shape.group_size or shape.abits > 8:
-        raise ValueError(f"vnni takes per-channel weights and abits <= 8, got group_size="
-                         f"{shape.group_size}, abits={shape.abits}")
+    check_shape(shape)
     if NP_ALIGN % n_tile:
         raise ValueError(f"n_tile={n_tile} must divide {NP_ALIGN}")
     if m_tile < 1 or n_tile * m_tile + n_tile + m_tile > VECTOR_REGISTERS:
@@ -59,12 +65,11 @@ def vnni_gemm(shape: KernelShape, with_epilogue: bool = True, n_tile: int = 4, m
     with IRBuilder() as ib:
         with T.prim_func():
             B = declare_args(shape, with_epilogue)
-            M, X, W, OUT = B["M"], B["x"], B["w"], B["y"]
+            M, X, W = B["M"], B["x"], B["w"]
             with T.parallel(0, padded_n(n) // nt) as no:
                 consts = row_constants(B, no * nt, nt, n, off) if with_epilogue else None
                 with T.serial(0, (M + mt - 1) // mt) as mo:
-                    acc = [[T.alloc_local((16,), "int32", annotations={"disable_lower_builtin": True})
-                            for _ in range(mt)] for _ in range(nt)]
+                    acc = [[_local(16, "int32") for _ in range(mt)] for _ in range(nt)]
                     for r in range(nt):
                         for j in range(mt):
                             T.buffer_store(acc[r][j], tirx.Broadcast(tirx.const(0, "int32"), 16),
@@ -89,11 +94,6 @@ def vnni_gemm(shape: KernelShape, with_epilogue: bool = True, n_tile: int = 4, m
                             else hsum(acc[0][j][lanes16])
                         store_rows(B, tokens[j], no * nt, sums, nt, n, consts, off, kp)
     return ib.get()
-
-
-def _local(lanes: int, dtype: str):
-    """A small register-promotable local buffer (see the module docstring)."""
-    return T.alloc_local((lanes,), dtype, annotations={"disable_lower_builtin": True})
 
 
 def row_constants(B: dict, row0, nt: int, n: int, off: int) -> tuple:

@@ -18,6 +18,7 @@ from ..codegen.kernel import Kernel
 from ..codegen.tuning import (M_BUCKETS, TuningLog, default_unpack_params, load_or_build, m_bucket,
                               tune, tuning_key, vnni_fits)
 from ..codegen.vnni import VNNI_DEFAULT
+from ..codegen.vnni_gemm import GEMM_DEFAULT
 from .format import QuantFormat
 
 log = logging.getLogger("abqc")
@@ -28,7 +29,7 @@ DEFAULT_PARAMS = {"order": "k_inner", "n_tile": 16, "m_outer": True}
 
 def _default(formulation: str, m: int) -> dict:
     if formulation == "vnni":  # GEMV, or a 4 x 4 register block of rows x tokens for prefill
-        return dict(VNNI_DEFAULT) if m_bucket(m) == 1 else {"n_tile": 4, "m_tile": 4}
+        return dict(VNNI_DEFAULT) if m_bucket(m) == 1 else dict(GEMM_DEFAULT)
     return default_unpack_params(m) if formulation == "unpack" else dict(DEFAULT_PARAMS)
 
 
