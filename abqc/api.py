@@ -11,6 +11,7 @@ from .capture import capture, check_model
 from .compiled import CompiledModel
 from .config import CompileConfig
 from .errors import ConfigError
+from .facts import Source
 from .passes import DumpIR, PassContext, PassTimings, PrintIR, pipeline, pipeline_name
 
 log = logging.getLogger("abqc")
@@ -39,6 +40,8 @@ def compile(model: nn.Module, wbits: int = 4, abits: int = 16, *,
     if calib is not None and data_free:
         log.info("method 'rtn' is data-free: the calibration data is not used")
 
+    passes = pipeline(pipeline_name(config), config)
+    passes.check({Source})  # refuse a misordered pipeline before the (slow) capture
     gm = capture(model, config.max_seq_len)
     timings = PassTimings()
     instruments = [timings]
@@ -46,14 +49,10 @@ def compile(model: nn.Module, wbits: int = 4, abits: int = 16, *,
         instruments.append(DumpIR(config.dump_ir))
     if config.print_ir:
         instruments.append(PrintIR())
-    with torch.no_grad(), PassContext(instruments, config=config, calib=calib, tokenizer=tokenizer,
-                                          model=model):
-        gm = pipeline(pipeline_name(config), config)(gm)
-    hf_model = None
-    if config.backend == "kernels":
-        from .runtime.hf_model import lowered_modules, quantized_model
-        hf_model = quantized_model(model, lowered_modules(gm)).eval()
-    cm = CompiledModel(gm, config, hf_config=model.config, pass_timings=timings.records,
-                       hf_model=hf_model)
+    # the program owns every tensor from here on: passes, calibration and the transformers
+    # tree (generate, save) read the graph, never `model`
+    with torch.no_grad(), PassContext(instruments, config=config, calib=calib, tokenizer=tokenizer):
+        gm = passes(gm)
+    cm = CompiledModel(gm, config, pass_timings=timings.records)
     cm.tokenizer = tokenizer
     return cm

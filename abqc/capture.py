@@ -6,6 +6,7 @@ batch and sequence dims, and ``ep.module()`` is the IR every pass works on.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
@@ -15,6 +16,7 @@ from torch.export import Dim
 from torch.fx import GraphModule
 
 from .errors import UnsupportedModelError
+from .facts import Source, facts
 
 log = logging.getLogger("abqc")
 
@@ -77,13 +79,29 @@ def capture(model: nn.Module, max_seq_len: int | None = None) -> GraphModule:
                 raise
             ep = _export_auto(model, example, e)
     gm = ep.module()
-    gm.meta["abqc.max_seq_len"] = ctx
+    facts(gm).add(Source(skeleton_of(model), ctx, model.config.model_type))
     for node in gm.graph.nodes:  # linears, and already-lowered linears of a loaded model
         if is_linear(node) or str(node.target) == "abqc.qlinear.default":
             node.meta[PATH_KEY] = module_path(node)
     log.info("captured %s: %d nodes, %d linears in %.1fs", type(model).__name__,
              len(gm.graph.nodes), sum(1 for _ in linear_nodes(gm)), time.perf_counter() - t0)
     return gm
+
+
+def skeleton_of(model: nn.Module) -> nn.Module:
+    """`model`'s module tree (classes, config, generation config, every non-tensor attribute)
+    with each parameter and buffer replaced by a meta tensor of its shape and dtype.
+
+    The program keeps this instead of the model: the transformers tree is rebuilt from it
+    around the program's own tensors (`runtime.hf_model.transformers_tree`), so nothing
+    reads the source model's tensors after capture. Tied tensors stay tied (one meta tensor).
+    """
+    memo: dict[int, object] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in memo:
+            meta = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
 
 
 def _export_auto(model: nn.Module, example: torch.Tensor, refused: Exception):

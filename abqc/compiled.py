@@ -11,6 +11,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from .capture import PATH_KEY, is_linear, module_path, retarget_device
 from .config import CompileConfig, LinearAnnotation
+from .facts import CalibrationStats, Lowered, Source, facts
 from .ir import ANNOT_KEY, format_graph, is_qlinear
 
 
@@ -21,18 +22,58 @@ class CompiledModel(nn.Module):
     (the source model's transformers config), ``pass_timings`` ((index, pass, seconds)).
     """
 
-    def __init__(self, graph_module: GraphModule, config: CompileConfig, hf_config=None,
-                 pass_timings=(), hf_model: nn.Module | None = None):
+    def __init__(self, graph_module: GraphModule | None, config: CompileConfig, *,
+                 tree: nn.Module | None = None, pass_timings=(), saved_layers: dict | None = None,
+                 max_seq_len: int | None = None):
+        """Either from a compiled program (`graph_module`: the transformers tree is derived
+        from it on first use) or from a loaded tree (`tree`: the graph is captured from it
+        only when asked for, so loading and generating never re-run torch.export)."""
         super().__init__()
-        self.graph_module = graph_module
+        if graph_module is None and tree is None:
+            raise ValueError("a CompiledModel needs a graph module or a model tree")
+        if graph_module is not None:
+            self.add_module("program", graph_module)
         self.config = config
-        self.hf_config = hf_config
         self.pass_timings = list(pass_timings)
-        # the transformers model with the same QuantLinear modules (generation, HF API);
-        # kept out of the module tree so parameters are not listed twice
-        self.__dict__["hf_model"] = hf_model
+        # the transformers tree (generation, HF API); kept out of the module tree so its
+        # tensors (the program's own) are not listed twice
+        self.__dict__["_tree"] = tree
         self.tokenizer = None  # saved beside the weights when set
-        self.saved_layers: dict | None = None  # the layer table of a loaded model
+        self.saved_layers = saved_layers  # the layer table of a loaded model
+        self._max_seq_len = max_seq_len
+
+    @property
+    def graph_module(self) -> GraphModule:
+        """The program: the rewritten FX graph (captured from the tree, once, for a loaded model)."""
+        gm = self._modules.get("program")
+        if gm is None:
+            from .capture import capture
+            from .runtime.save import annotate_from_layers
+
+            gm = capture(self.__dict__["_tree"], self._max_seq_len or self.config.max_seq_len)
+            annotate_from_layers(gm, self.saved_layers or {})
+            self.add_module("program", gm)
+        return gm
+
+    @property
+    def hf_model(self) -> nn.Module | None:
+        """The transformers model tree running the same program (None for backend='fake_quant',
+        which has no packed weights): derived from the graph's tensors, never from the source."""
+        tree = self.__dict__["_tree"]
+        if tree is None and self.config.backend == "kernels":
+            from .runtime.hf_model import transformers_tree
+
+            tree = self.__dict__["_tree"] = transformers_tree(self.graph_module)
+        return tree
+
+    @property
+    def hf_config(self):
+        """The transformers config of the model (the program's source, or the loaded tree's)."""
+        tree = self.__dict__["_tree"]
+        if tree is not None:
+            return tree.config
+        src = facts(self.graph_module).get(Source)
+        return src.skeleton.config if src is not None else None
 
     def save(self, directory, tokenizer=None):
         """Write packed safetensors, config.json (``quantization_config``) and the tokenizer;
@@ -63,33 +104,38 @@ class CompiledModel(nn.Module):
     def unlowered_linears(self) -> dict[str, str]:
         """Path -> reason of linears quantized in the graph that the kernels could not take:
         the graph runs them fake-quantized, the transformers tree has no kernel for them."""
-        floats = self.graph_module.meta.get("abqc.float_linears", {})
+        low = facts(self.graph_module).get(Lowered)
+        floats = low.float_linears if low is not None else {}
         return {p: r for p, r in floats.items() if self.annotations.get(p) is not None}
 
     def _check_tree_is_whole(self, what: str) -> None:
-        """The transformers tree carries the quantized linears, not graph-only rewrites."""
-        missing = self.unlowered_linears()
-        if missing:
-            path, reason = next(iter(missing.items()))
+        """The transformers tree runs the whole program: nothing lives in the graph only."""
+        from .runtime.hf_model import tree_gaps
+
+        gaps = tree_gaps(self.hf_model)
+        if gaps:
+            path, reason = next(iter(gaps.items()))
             raise NotImplementedError(
-                f"{what} runs the transformers model tree, but {len(missing)} quantized "
-                f"linear(s) could not be lowered to kernels and would run unquantized there, "
-                f"e.g. {path}: {reason}. Call the model (cm(ids)) for the fake-quant logits, "
-                "or compile so that every quantized linear fits a kernel (exclude it, or change "
-                "the setting named)")
-        if getattr(self.config, "kv_bits", 16) != 16:
-            raise NotImplementedError(
-                f"{what} runs the transformers model tree, which has the quantized linears but "
-                f"not the attention quantization of kv_bits={self.config.kv_bits} (it lives in "
-                "the graph only); call the model (cm(ids)) for logits, or compile without kv_bits")
+                f"{what} runs the transformers model tree, but {len(gaps)} part(s) of the "
+                f"program are in the graph only and would run unquantized there, e.g. {path}: "
+                f"{reason}. Call the model (cm(ids)) for the graph's logits, or compile so that "
+                "everything fits the kernels (exclude the linear, change the setting named, or "
+                "compile without kv_bits)")
 
     def to(self, *args, **kwargs) -> "CompiledModel":
         """`nn.Module.to`, plus the devices baked into the captured graph (see
         `capture.retarget_device`): ``cm.to("cuda")`` runs the fake-quant graph on a GPU."""
         device = torch._C._nn._parse_to(*args, **kwargs)[0]
-        if device is not None:
-            retarget_device(self.graph_module, device)
-        return super().to(*args, **kwargs)
+        if device is not None and "program" in self._modules:
+            retarget_device(self._modules["program"], device)
+        out = super().to(*args, **kwargs)
+        tree = self.__dict__["_tree"]
+        if tree is not None:
+            if "program" in self._modules and self.saved_layers is None:
+                self.__dict__["_tree"] = None  # derived from the program: derive it again
+            else:
+                tree.to(*args, **kwargs)  # a loaded tree owns its tensors
+        return out
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> CausalLMOutput:
         if kwargs.get("attention_mask") is not None and not bool(kwargs["attention_mask"].all()):
@@ -106,7 +152,8 @@ class CompiledModel(nn.Module):
     @property
     def calibration_stats(self) -> dict[str, dict]:
         """Module path -> solver stats (method, rel_error, seconds, notes) of calibrated linears."""
-        return dict(self.graph_module.meta.get("abqc.calib_stats", {}))
+        st = facts(self.graph_module).get(CalibrationStats)
+        return dict(st.linears) if st is not None else {}
 
     def ir(self) -> str:
         return format_graph(self.graph_module, "abqc IR (compiled)")

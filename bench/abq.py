@@ -61,6 +61,7 @@ def compile_options(method: str, preset: str) -> dict:
 def run_one(args) -> dict:
     """Compile (calibrate) one entry and evaluate it; runs inside the child process."""
     import abqc
+    from abqc.facts import CalibrationStats, facts
     import abqc.eval
     from frontends import corpus, hf
 
@@ -79,7 +80,7 @@ def run_one(args) -> dict:
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     compile_s = time.perf_counter() - t0
     r = abqc.eval.perplexity_of_windows(cm, windows, desc=args.one)
-    abq_stats = cm.graph_module.meta.get("abqc.abq_stats", {})
+    abq_stats = (lambda f: f.blocks if f else {})(facts(cm.graph_module).get(CalibrationStats))
     r.update(config=name, wbits=wbits, abits=abits, method=method, options=options,
              compile_seconds=round(compile_s, 1),
              compile_cpu_seconds=round((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime), 1),

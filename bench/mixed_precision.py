@@ -25,7 +25,8 @@ import abqc  # noqa: E402
 import abqc.eval  # noqa: E402
 from abqc.atomic import write_json  # noqa: E402
 from abqc.config import BIT_BALANCE, CompileConfig  # noqa: E402
-from abqc.passes.bitwidth import ASSIGN_KEY, width_cost  # noqa: E402
+from abqc.facts import BitWidths, facts
+from abqc.passes.bitwidth import width_cost  # noqa: E402
 from frontends import corpus, hf  # noqa: E402
 from machine import machine_info  # noqa: E402
 
@@ -71,7 +72,7 @@ def main() -> None:
         cm = abqc.compile(model, wbits=3, abits=16, method=args.method, group_size=args.group_size,
                           calib=calib, backend="fake_quant", **opts)
         compile_s = time.perf_counter() - t0
-        assign = cm.graph_module.meta.get(ASSIGN_KEY)
+        assign = (lambda f: f.report if f else None)(facts(cm.graph_module).get(BitWidths))
         # widths as the graph carries them (what the kernels get), not as the pass reported them
         widths = {p: (BIT_BALANCE if a.weight.balanced else a.weight.bits)
                   for p, a in cm.annotations.items() if a is not None}

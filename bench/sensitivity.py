@@ -19,7 +19,8 @@ import torch  # noqa: E402
 from abqc.capture import capture  # noqa: E402
 from abqc.config import CompileConfig  # noqa: E402
 from abqc.passes import AnnotateQuant, PassContext  # noqa: E402
-from abqc.passes.sensitivity import SENSITIVITY_KEY, SensitivityAnalysis, format_sensitivity  # noqa: E402
+from abqc.facts import Sensitivity, facts  # noqa: E402
+from abqc.passes.sensitivity import SensitivityAnalysis, format_sensitivity  # noqa: E402
 from frontends import corpus, hf  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,9 +41,9 @@ def main() -> None:
     windows = corpus.calibration_windows(tok, corpus.load_text(cfg.calib_corpus), cfg.nsamples,
                                          cfg.seqlen, cfg.seed)
     out = os.path.join(HERE, "results", f"sensitivity_w{args.wbits.replace('*', 's')}a{args.abits}.json")
-    with torch.no_grad(), PassContext(config=cfg, calib=windows, model=model):
+    with torch.no_grad(), PassContext(config=cfg, calib=windows):
         gm = SensitivityAnalysis(wbits, args.abits, out=out)(AnnotateQuant(cfg)(capture(model)))
-    print(format_sensitivity(gm.meta[SENSITIVITY_KEY]))
+    print(format_sensitivity(facts(gm).get(Sensitivity).report))
     print(f"wrote {out}")
 
 

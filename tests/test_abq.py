@@ -109,7 +109,7 @@ def test_compensation_is_visible_then_folded(tiny_models, ids):
     m = tiny_models["llama"]
     cfg = CompileConfig(wbits=8)
     gm = capture(m)
-    with torch.no_grad(), PassContext(config=cfg, model=m):
+    with torch.no_grad(), PassContext(config=cfg):
         gm = InsertQuantDequant()(AnnotateQuant(cfg)(gm))
         before = gm(ids)
         gm = DownProjCompensation("insert", first=1, last=0)(gm)

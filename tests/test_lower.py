@@ -5,6 +5,7 @@ import torch
 import abqc
 from abqc.ir import FLOAT_REASON_KEY, KERNELS_KEY, is_qlinear
 from abqc.ops import OPS
+from abqc.facts import Lowered, facts
 from abqc.passes import InsertQuantDequant, LowerToKernels, QuantDequantFusion, RoundToNearest
 from abqc.passes import AnnotateQuant, PassContext, Sequential
 from abqc.config import CompileConfig
@@ -65,7 +66,7 @@ def test_groups_and_unaligned_groups(tiny_models, ids):
     torch.testing.assert_close(cm(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-5)
     assert all("g=64" in n.args[-1] for n in cm.graph_module.graph.nodes if is_qlinear(n))
     odd = abqc.compile(m, wbits=4, abits=8, group_size=32)
-    floats = odd.graph_module.meta["abqc.float_linears"]
+    floats = facts(odd.graph_module).get(Lowered).float_linears
     assert any("group size 32 is not a multiple of 64" in why for why in floats.values())
     ref = abqc.compile(m, wbits=4, abits=8, group_size=32, backend="fake_quant")
     torch.testing.assert_close(odd(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-6)
@@ -83,6 +84,6 @@ def test_tied_lm_head_stays_off_the_kernels_with_its_reason(ids):
 
     m = tiny_model("llama", tie_word_embeddings=True)
     cm = abqc.compile(m, wbits=4, abits=8, exclude=())
-    assert "tied weights" in cm.graph_module.meta["abqc.float_linears"]["lm_head"]
+    assert "tied weights" in facts(cm.graph_module).get(Lowered).float_linears["lm_head"]
     ref = abqc.compile(m, wbits=4, abits=8, exclude=(), backend="fake_quant")
     torch.testing.assert_close(cm(ids).logits, ref(ids).logits, rtol=1e-3, atol=1e-3)

@@ -54,7 +54,7 @@ def test_sequential_runs_in_order_and_instruments_see_leaf_passes(toy):
 def test_context_state_and_nesting():
     outer = PassContext(config="x")
     with outer:
-        assert PassContext.current() is outer and PassContext.current().get("config") == "x"
+        assert PassContext.current() is outer and PassContext.current().config == "x"
         with PassContext() as inner:
             assert PassContext.current() is inner
         assert PassContext.current() is outer

@@ -6,6 +6,7 @@ from abqc.capture import linear_nodes
 from abqc.config import CompileConfig
 from abqc.ir import ANNOT_KEY, ROLE_KEY
 from abqc.ops import OPS
+from abqc.facts import WeightCodes, facts
 from abqc.passes import (AnnotateQuant, InsertQuantDequant, PassContext, QuantDequantFusion,
                          RoundToNearest, pipeline)
 from abqc.passes.graph_utils import get_tensor
@@ -144,6 +145,6 @@ def test_round_to_nearest_records_per_linear_errors(toy):
     _, gm, _ = toy
     gm = run(gm, AnnotateQuant(CompileConfig(wbits=2, overrides={"fc3": {"wbits": 8}})),
              InsertQuantDequant(), RoundToNearest())
-    errs = gm.meta["abqc.rtn_errors"]
+    errs = facts(gm).get(WeightCodes).rtn_errors
     assert set(errs) == {"fc1", "fc2", "fc3"}
     assert errs["fc3"] < 0.01 < errs["fc1"]

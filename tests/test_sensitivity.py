@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from abqc.capture import capture
 from abqc.config import CompileConfig
 from abqc.passes import AnnotateQuant, PassContext
-from abqc.passes.sensitivity import SENSITIVITY_KEY, SensitivityAnalysis, format_sensitivity
+from abqc.facts import BitWidths, Sensitivity, facts
+from abqc.passes.sensitivity import SensitivityAnalysis, format_sensitivity
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def _analyse(gm, calib, wbits, abits, out=None):
         ref = gm(calib)
         gm = SensitivityAnalysis(wbits, abits, out=out)(gm)
         assert torch.equal(gm(calib), ref)  # analysis only: the graph is unchanged
-    return gm.meta[SENSITIVITY_KEY], ref
+    return facts(gm).get(Sensitivity).report, ref
 
 
 def test_sensitivity_report_covers_components_and_blocks(annotated, calib, tmp_path):
@@ -56,7 +57,7 @@ def test_fewer_bits_hurt_more(annotated, calib):
 @pytest.mark.parametrize("sensitivity", ["fisher", "loss", "output"])
 def test_bit_assignment_respects_budget_and_shared_input_groups(tiny_models, calib, sensitivity):
     from abqc.ir import ANNOT_KEY
-    from abqc.passes.bitwidth import ASSIGN_KEY, BitWidthAssignment, width_cost
+    from abqc.passes.bitwidth import BitWidthAssignment, width_cost
 
     m = tiny_models["llama"]
     # give k_proj narrower activations than q/v: the pass must re-unite the shared input
@@ -66,7 +67,7 @@ def test_bit_assignment_respects_budget_and_shared_input_groups(tiny_models, cal
         with torch.no_grad(), PassContext(config=cfg, calib=calib):
             gm = BitWidthAssignment(budget, widths=("2*", 3, 4, 6, 8), sensitivity=sensitivity)(
                 AnnotateQuant(cfg)(capture(m)))
-        rep = gm.meta[ASSIGN_KEY]
+        rep = facts(gm).get(BitWidths).report
         anns = {n.meta["abqc.path"]: n.meta[ANNOT_KEY] for n in gm.graph.nodes
                 if n.meta.get(ANNOT_KEY) is not None}
         sizes = {p: m.get_submodule(p).weight.numel() for p in anns}

@@ -7,7 +7,8 @@ from abqc.capture import capture
 from abqc.config import CompileConfig
 from abqc.passes import AnnotateQuant, PassContext
 from abqc.passes.graph_utils import get_tensor
-from abqc.passes.smooth import PAIRS_KEY, Smooth
+from abqc.facts import SmoothPairs, facts
+from abqc.passes.smooth import Smooth
 from abqc.passes.smooth_pairs import find_smooth_pairs, fold_smoothing
 
 EXPECTED = {  # family -> (source, consumers) per block, in graph order
@@ -75,7 +76,7 @@ def test_smooth_pass_keeps_logits_and_the_users_model(tiny_models, ids, family):
     with torch.no_grad(), PassContext(config=cfg, calib=torch.randint(0, 256, (4, 32))):
         gm = Smooth(alpha=0.5)(AnnotateQuant(cfg)(gm))
         out = gm(ids)
-    assert len(gm.meta[PAIRS_KEY]) == 8
+    assert len(facts(gm).get(SmoothPairs).pairs) == 8
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 

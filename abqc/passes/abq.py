@@ -24,18 +24,17 @@ from ..calibration.order import block_of
 from ..capture import PATH_KEY, ROOT, is_linear, module_path
 from ..config import QuantSpec
 from ..errors import ConfigError
+from ..facts import CalibrationStats, Compensation, QuantDequant, SmoothPairs, Source, WeightCodes, facts
+from ..runtime.hf_model import transformers_tree
 from ..ir import ANNOT_KEY, ROLE_KEY
 from ..ops import OPS
 from .base import Pass, PassContext
 from .calibrate import calibration_windows
-from .compensation import COMP_KEY
 from .graph_utils import get_tensor, set_buffer
 from .insert_qdq import WEIGHT_QUANT
 from .kv_quant import KV_QUANT
-from .smooth import PAIRS_KEY
 from .smooth_pairs import ATTENTION_OPS, fold_smoothing
 
-STATS_KEY = "abqc.abq_stats"
 
 
 def _linear_reached(start: Node) -> Node | None:
@@ -81,20 +80,23 @@ class ABQCalibrate(Pass):
         self.kv_bits = kv_bits
         self.act_symmetric = act_symmetric
 
+    requires = (Source, SmoothPairs, QuantDequant)
+    ensures = (CalibrationStats,)
+    before = (WeightCodes,)
+
     def transform(self, gm: GraphModule) -> GraphModule:
         ctx = PassContext.current()
-        model = ctx.get("model")
-        if model is None:
-            raise ConfigError("ABQCalibrate needs the source model in the PassContext (model=...)")
+        model = transformers_tree(gm, lowered=False)  # the program's current (smoothed) blocks
         opts = ABQOptions.from_dict(self.options)
         prefix, blocks = decoder_blocks(model)
         qnodes = {n.meta[PATH_KEY]: n for n in gm.graph.nodes if n.target is OPS.quantize.default
                   and n.meta.get(ROLE_KEY) == WEIGHT_QUANT}
         anns = {n.meta[PATH_KEY]: n.meta[ANNOT_KEY] for n in gm.graph.nodes
                 if is_linear(n) and n.meta.get(ANNOT_KEY) is not None and n.meta[PATH_KEY] in qnodes}
-        pairs = [p for p in gm.meta.get(PAIRS_KEY, [])
+        pairs = [p for p in facts(gm).require(SmoothPairs, self.name).pairs
                  if all(c in anns for c in p.consumers) and (p.kind == "norm" or p.source in anns)]
-        comps = gm.meta.get(COMP_KEY, {})
+        comp = facts(gm).get(Compensation)
+        comps = comp.entries if comp is not None else {}
         h, kv, hd = _heads(model)
         attn = {block_of(q, prefix): AttentionSpec(q, k, h, kv, hd)
                 for q, k in attention_projections(gm)}
@@ -137,5 +139,5 @@ class ABQCalibrate(Pass):
             stats[b] = res.stats
 
         run_blocks(model, windows, step, opts.batch_size, fp_chain=True, desc="abq")
-        gm.meta[STATS_KEY] = stats
+        facts(gm).add(CalibrationStats(blocks=stats))
         return gm

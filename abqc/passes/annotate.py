@@ -8,6 +8,7 @@ from torch.fx import GraphModule
 from ..capture import linear_nodes, module_path
 from ..config import CompileConfig
 from ..ir import ANNOT_KEY
+from ..facts import Annotated, QuantDequant, facts
 from .base import Pass
 
 log = logging.getLogger("abqc")
@@ -20,6 +21,9 @@ class AnnotateQuant(Pass):
     ``exclude`` (regexes; ``lm_head`` by default) refine them per module path.
     """
 
+    ensures = (Annotated,)
+    before = (QuantDequant,)
+
     def __init__(self, config: CompileConfig):
         self.config = config
 
@@ -31,4 +35,5 @@ class AnnotateQuant(Pass):
             n_quant += ann is not None
         if n_quant == 0:
             log.warning("AnnotateQuant: every linear is excluded; nothing will be quantized")
+        facts(gm).add(Annotated(n_quant, len(linear_nodes(gm))))
         return gm

@@ -21,7 +21,7 @@ Linears that read the same input (q/k/v; gate/up) quantize that input once, so t
 must share the activation width: groups are the connected components of the
 input <-> linear graph (networkx), and each group takes its widest member's activation
 spec. The choice is written into each linear's annotation (visible in the IR dump) and
-into ``gm.meta["abqc.bit_assignment"]``.
+into the program's `BitWidths` fact.
 """
 from __future__ import annotations
 
@@ -39,11 +39,11 @@ from ..config import BIT_BALANCE, weight_spec
 from ..errors import ConfigError
 from ..ir import ANNOT_KEY
 from ..quantizer import dequantize, rtn
+from ..facts import Annotated, BitWidths, QuantDequant, facts
 from .base import Pass, PassContext
 from .graph_utils import get_tensor
 
 log = logging.getLogger("abqc")
-ASSIGN_KEY = "abqc.bit_assignment"
 
 
 def width_cost(w) -> float:
@@ -163,6 +163,10 @@ def greedy_assign(errors: dict[str, dict], sizes: dict[str, int], budget: float)
 class BitWidthAssignment(Pass):
     """Choose each linear's weight width under an average budget; share act widths per input."""
 
+    requires = (Annotated,)
+    ensures = (BitWidths,)
+    before = (QuantDequant,)
+
     def __init__(self, budget: float, widths=(BIT_BALANCE, 3, 4, 6, 8), batch_size: int = 4,
                  sensitivity: str = "fisher", loss_windows: int = 2):
         if not widths:
@@ -215,9 +219,9 @@ class BitWidthAssignment(Pass):
             for p in group:
                 lins[p].meta[ANNOT_KEY] = dataclasses.replace(lins[p].meta[ANNOT_KEY], act=widest)
         avg = sum(sizes[p] * width_cost(choice[p]) for p in choice) / sum(sizes.values())
-        gm.meta[ASSIGN_KEY] = {"budget": self.budget, "average_bits": avg, "sensitivity": self.sensitivity,
+        facts(gm).add(BitWidths({"budget": self.budget, "average_bits": avg, "sensitivity": self.sensitivity,
                                "widths": {p: choice[p] for p in lins},
-                               "error": sum(errors[p][choice[p]] for p in choice)}
+                               "error": sum(errors[p][choice[p]] for p in choice)}))
         counts = {b: sum(v == b for v in choice.values()) for b in self.widths}
         log.info("bit widths: average %.3f bits (budget %.2f): %s", avg, self.budget,
                  ", ".join(f"W{b} x{c}" for b, c in counts.items() if c))

@@ -16,6 +16,8 @@ from ..calibration.engine import calibrate_blocks
 from ..calibration.order import sequential_groups
 from ..capture import PATH_KEY
 from ..errors import ConfigError
+from ..facts import CalibrationStats, Compensation, QuantDequant, Source, WeightCodes, facts
+from ..runtime.hf_model import transformers_tree
 from ..ir import ANNOT_KEY
 from ..ops import OPS
 from .base import Pass, PassContext
@@ -27,22 +29,33 @@ def calibration_windows(ctx: PassContext) -> torch.Tensor:
     """The context's calibration data as a LongTensor of windows [n, seqlen]."""
     from frontends import corpus
 
-    cfg, calib, tok = ctx.get("config"), ctx.get("calib"), ctx.get("tokenizer")
+    if ctx._windows is not None:
+        return ctx._windows
+    cfg, calib, tok = ctx.require_config("calibration"), ctx.calib, ctx.tokenizer
     if isinstance(calib, torch.Tensor):
         if calib.ndim != 2 or calib.dtype != torch.long:
             raise ConfigError(f"calib tensor must be a LongTensor [nsamples, seqlen], got "
                               f"{calib.dtype} of shape {tuple(calib.shape)}")
+        ctx._windows = calib
         return calib
     if tok is None:
         raise ConfigError(f"method {cfg.method!r} needs calibration data: pass calib=<LongTensor "
                           "[n, seqlen]>, or tokenizer=<the model's tokenizer> (with calib=<texts> "
                           f"or the default corpus {cfg.calib_corpus!r})")
     text = "\n\n".join(calib) if calib is not None else corpus.load_text(cfg.calib_corpus)
-    return corpus.calibration_windows(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed)
+    ctx._windows = corpus.calibration_windows(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed)
+    return ctx._windows
 
 
 class Calibrate(Pass):
-    """Solve every annotated linear inside the decoder blocks with its own method."""
+    """Solve every annotated linear inside the decoder blocks with its own method.
+
+    The blocks are read from the program (`transformers_tree` over the graph's current
+    tensors), so whatever ran before (smoothing, rotation) is what the solvers see."""
+
+    requires = (Source, QuantDequant)
+    ensures = (CalibrationStats,)
+    before = (WeightCodes, Compensation)
 
     def __init__(self, batch_size: int = 8, solver_options: dict | None = None,
                  device: str = "cpu"):
@@ -52,9 +65,7 @@ class Calibrate(Pass):
 
     def transform(self, gm: GraphModule) -> GraphModule:
         ctx = PassContext.current()
-        model = ctx.get("model")
-        if model is None:
-            raise ConfigError("Calibrate needs the source model in the PassContext (model=...)")
+        model = transformers_tree(gm, lowered=False)
         qnodes = {n.meta[PATH_KEY]: n for n in weight_quantize_nodes(gm)}
         anns = {n.meta[PATH_KEY]: n.meta[ANNOT_KEY] for n in gm.graph.nodes
                 if n.meta.get(ANNOT_KEY) is not None and n.meta[PATH_KEY] in qnodes}
@@ -84,5 +95,5 @@ class Calibrate(Pass):
                 add = insert_call(gm, after, OPS.add_outliers.default, (dq, idx, val),
                                   "weight_outliers", path)
                 after.replace_input_with(dq, add)
-        gm.meta["abqc.calib_stats"] = {p: r.stats for p, r in results.items()}
+        facts(gm).add(CalibrationStats(linears={p: r.stats for p, r in results.items()}))
         return gm

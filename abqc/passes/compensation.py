@@ -20,14 +20,14 @@ from torch.fx import GraphModule
 from ..calibration.order import sequential_groups
 from ..capture import PATH_KEY
 from ..errors import ConfigError
-from .base import Pass, PassContext
+from ..facts import Compensation, QuantDequant, Source, WeightCodes, facts
+from .base import Pass
 from .graph_utils import add_param_node, erase_if_unused, get_tensor, insert_call, set_buffer
 from .insert_qdq import WEIGHT_QUANT
 from ..ir import ROLE_KEY
 from ..ops import OPS
 
 log = logging.getLogger("abqc")
-COMP_KEY = "abqc.compensation"  # gm.meta: path -> (add node name, a target, b target)
 COMPENSATION = "compensation"
 MODES = ("insert", "fold")
 
@@ -48,6 +48,20 @@ class DownProjCompensation(Pass):
             raise ConfigError(f"DownProjCompensation mode={mode!r} is not allowed; use one of {list(MODES)}")
         self.mode, self.first, self.last = mode, first, last
 
+    @property
+    def requires(self):
+        return (Source, QuantDequant) if self.mode == "insert" else (Compensation,)
+
+    @property
+    def ensures(self):
+        return (Compensation,) if self.mode == "insert" else ()
+
+    @property
+    def consumes(self):
+        return () if self.mode == "insert" else (Compensation,)
+
+    before = (WeightCodes,)
+
     def transform(self, gm: GraphModule) -> GraphModule:
         return self._insert(gm) if self.mode == "insert" else self._fold(gm)
 
@@ -58,12 +72,9 @@ class DownProjCompensation(Pass):
     def _insert(self, gm: GraphModule) -> GraphModule:
         from ..calibration.blocks import decoder_blocks
 
-        model = PassContext.current().get("model")
-        if model is None:
-            raise ConfigError("DownProjCompensation needs the source model in the PassContext (model=...)")
-        prefix, blocks = decoder_blocks(model)
+        prefix, blocks = decoder_blocks(facts(gm).require(Source, self.name).skeleton)
         qnodes = self._weight_quant(gm)
-        comps = gm.meta.setdefault(COMP_KEY, {})
+        comps = facts(gm).add(Compensation()).entries
         for path in compensated_paths(gm, prefix, len(blocks), self.first, self.last, set(qnodes)):
             q = qnodes[path]
             w = q.args[0]
@@ -79,7 +90,7 @@ class DownProjCompensation(Pass):
         return gm
 
     def _fold(self, gm: GraphModule) -> GraphModule:
-        comps = gm.meta.pop(COMP_KEY, {})
+        comps = facts(gm).pop(Compensation).entries
         by_name = {n.name: n for n in gm.graph.nodes}
         for path, (add_name, a_t, b_t) in comps.items():
             add = by_name[add_name]

@@ -9,11 +9,15 @@ from torch.fx import GraphModule
 from ..ir import ROLE_KEY
 from ..capture import PATH_KEY
 from ..ops import OPS
+from ..facts import Fused, QuantDequant, facts
 from .base import Pass
 from .graph_utils import insert_call
 
 
 class QuantDequantFusion(Pass):
+    requires = (QuantDequant,)
+    ensures = (Fused,)
+
     def transform(self, gm: GraphModule) -> GraphModule:
         for q in [n for n in gm.graph.nodes if n.target is OPS.quantize.default]:
             x, s, z, qmax, gs = q.args
@@ -27,4 +31,5 @@ class QuantDequantFusion(Pass):
                 dq.replace_all_uses_with(fq)
                 gm.graph.erase_node(dq)
             gm.graph.erase_node(q)
+        facts(gm).add(Fused())
         return gm

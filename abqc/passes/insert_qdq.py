@@ -21,6 +21,7 @@ from ..capture import linear_nodes
 from ..ir import ANNOT_KEY
 from ..ops import OPS
 from ..quantizer import qparams_for
+from ..facts import Annotated, QuantDequant, facts
 from .base import Pass
 from .graph_utils import add_param_node, get_tensor, insert_call, insert_pair
 
@@ -30,6 +31,9 @@ WEIGHT_QUANT = "weight_quant"
 
 class InsertQuantDequant(Pass):
     """Insert quantize/dequantize pairs on the inputs and weights of annotated linears."""
+
+    requires = (Annotated,)
+    ensures = (QuantDequant,)
 
     def transform(self, gm: GraphModule) -> GraphModule:
         shared = {}  # (input node, act spec) -> dequantized input
@@ -61,4 +65,5 @@ class InsertQuantDequant(Pass):
                 dq = insert_call(gm, lin, OPS.dequantize.default, (q, s, z, spec.group_size),
                                  WEIGHT_QUANT, ann.path)
                 lin.update_arg(1, dq)
+        facts(gm).add(QuantDequant())
         return gm

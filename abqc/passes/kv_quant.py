@@ -17,6 +17,7 @@ from torch.fx import GraphModule, Node
 from ..capture import module_path
 from ..config import QuantSpec
 from ..ops import OPS
+from ..facts import Fused, KVQuant, QuantDequant, facts
 from .base import Pass
 from .graph_utils import insert_call, insert_pair
 from .smooth_pairs import ATTENTION_OPS, _linear_behind
@@ -34,6 +35,10 @@ def _fake_quant_before(gm: GraphModule, before: Node, x: Node, spec: QuantSpec, 
 
 class QuantizeAttention(Pass):
     """Insert quantize/dequantize on Q, K (per token and head, after RoPE) and V (per token)."""
+
+    requires = (QuantDequant,)
+    ensures = (KVQuant,)
+    before = (Fused,)
 
     def __init__(self, bits: int, symmetric: bool = False):
         self.bits = bits
@@ -59,4 +64,5 @@ class QuantizeAttention(Pass):
             for u in users:
                 u.replace_input_with(v_lin, dq)
         log.info("kv quantization: Q, K, V of %d attention ops at %d bits", len(attn), self.bits)
+        facts(gm).add(KVQuant(self.bits))
         return gm

@@ -17,7 +17,7 @@ The packed tensors live in a `QuantLinear` module at the linear's place in the g
 module, so the same module can be put into the transformers model tree for generation.
 Each node records the tuning-log key of the kernel it uses per M bucket
 (``node.meta["abqc.kernels"]``); linears the kernels cannot take stay in float, and
-``gm.meta["abqc.float_linears"]`` (and the IR dump) says why.
+the program's `Lowered` fact (and the IR dump) says why.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from ..ops import OPS
 from ..runtime import kernels
 from ..runtime.format import QuantFormat
 from ..runtime.qlinear import QuantLinear
+from ..facts import Fused, Lowered, WeightCodes, facts
 from .base import Pass
 from .graph_utils import erase_if_unused, get_tensor, owner_and_name
 
@@ -98,6 +99,9 @@ def _drop_chain(gm: GraphModule, nodes) -> None:
 class LowerToKernels(Pass):
     """Replace fake-quantized linears by ``abqc::qlinear`` on packed weights."""
 
+    requires = (WeightCodes, Fused)
+    ensures = (Lowered,)
+
     def __init__(self, tune: bool | None = None):
         self.tune = kernels.tuning_enabled() if tune is None else tune
 
@@ -120,7 +124,7 @@ class LowerToKernels(Pass):
                 log.info("LowerToKernels: %s stays in float: %s", path, e)
         gm.graph.lint()
         gm.recompile()
-        gm.meta["abqc.float_linears"] = floats
+        facts(gm).add(Lowered(floats))
         log.info("LowerToKernels: %d linears on kernels, %d in float", lowered, len(floats))
         return gm
 

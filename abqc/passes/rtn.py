@@ -9,6 +9,7 @@ from torch.fx import GraphModule
 from ..capture import PATH_KEY
 from ..ops import OPS
 from ..quantizer import dequantize, quantize
+from ..facts import Compensation, QuantDequant, WeightCodes, facts
 from .base import Pass
 from .graph_utils import add_param_node, erase_if_unused, get_tensor
 from .insert_qdq import WEIGHT_QUANT
@@ -37,6 +38,10 @@ def fold_weight_codes(gm: GraphModule, qnode, codes) -> None:
 class RoundToNearest(Pass):
     """Round every remaining float weight to its grid (the `rtn` method)."""
 
+    requires = (QuantDequant,)
+    ensures = (WeightCodes,)
+    before = (Compensation,)  # fold it first: a compensated weight is W + a bᵀ, not @w
+
     def transform(self, gm: GraphModule) -> GraphModule:
         errors = {}
         for q in weight_quantize_nodes(gm):
@@ -52,5 +57,5 @@ class RoundToNearest(Pass):
             worst = max(errors, key=errors.get)
             log.info("rtn: %d weights rounded; relative error ||W-Ŵ||/||W|| mean %.4f, max %.4f (%s)",
                      len(errors), sum(errors.values()) / len(errors), errors[worst], worst)
-        gm.meta["abqc.rtn_errors"] = errors
+        facts(gm).add(WeightCodes(rtn_errors=errors))
         return gm

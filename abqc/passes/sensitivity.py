@@ -9,7 +9,7 @@ activations per token, dynamic) and measure the increase of the model's next-tok
 - per block, every linear of the block (weights and activations).
 
 The graph is not changed: the quantized linears are simulated by an Interpreter. The
-report goes to ``gm.meta["abqc.sensitivity"]`` (and to `out` as JSON when given);
+report goes to the program's `Sensitivity` fact (and to `out` as JSON when given);
 `format_sensitivity` prints it as a table.
 """
 from __future__ import annotations
@@ -29,11 +29,11 @@ from ..capture import is_linear, module_path
 from ..config import FLOAT_BITS, QuantSpec, weight_spec
 from ..ir import ANNOT_KEY
 from ..quantizer import compute_qparams, dequantize, fake_quantize, rtn
+from ..facts import Annotated, Sensitivity, facts
 from .base import Pass, PassContext
 from .graph_utils import get_tensor
 
 log = logging.getLogger("abqc")
-SENSITIVITY_KEY = "abqc.sensitivity"
 
 
 class _Simulated(Interpreter):
@@ -83,6 +83,9 @@ def _block(path: str) -> str | None:
 class SensitivityAnalysis(Pass):
     """Measure the loss increase from quantizing each component type and each block."""
 
+    requires = (Annotated,)
+    ensures = (Sensitivity,)
+
     def __init__(self, wbits: int | str = 4, abits: int = 4, out: str | None = None,
                  batch_size: int = 4):
         self.wbits, self.abits, self.out, self.batch_size = wbits, abits, out, batch_size
@@ -124,7 +127,7 @@ class SensitivityAnalysis(Pass):
             else:
                 report["block"][key] = delta
         report["seconds"] = round(time.perf_counter() - t0, 1)
-        gm.meta[SENSITIVITY_KEY] = report
+        facts(gm).add(Sensitivity(report))
         if self.out:
             write_json(self.out, report)
         log.info("sensitivity (W%s A%s, base loss %.4f):\n%s", self.wbits, self.abits, base,

@@ -8,7 +8,7 @@ calibration activation ``max|X_j|`` of the shared input and the largest weight
 
 The source (norm weight and bias, or the producing linear's rows) is divided by s and the
 consumers' columns multiplied by it: the float model is unchanged, the activation
-outliers move into the weights. The pairs go to ``gm.meta["abqc.smooth_pairs"]`` for
+outliers move into the weights. The pairs go to the program's `SmoothPairs` fact for
 later passes (ABQ learns on top of these scales).
 """
 from __future__ import annotations
@@ -22,12 +22,12 @@ from tqdm.auto import tqdm
 
 from ..capture import is_linear, module_path
 from ..ir import ANNOT_KEY
+from ..facts import Annotated, QuantDequant, SmoothPairs, WeightCodes, facts
 from .base import Pass, PassContext
 from .graph_utils import get_tensor
 from .smooth_pairs import SmoothPair, find_smooth_pairs, fold_smoothing
 
 log = logging.getLogger("abqc")
-PAIRS_KEY = "abqc.smooth_pairs"
 MIN_SCALE = 1e-5
 
 
@@ -72,6 +72,10 @@ def smoothquant_scales(pair: SmoothPair, x_amax: torch.Tensor, w_amax: torch.Ten
 class Smooth(Pass):
     """Fold SmoothQuant scales between each norm/linear and the quantized linears it feeds."""
 
+    requires = (Annotated,)
+    ensures = (SmoothPairs,)
+    before = (QuantDequant, WeightCodes)
+
     def __init__(self, alpha: float = 0.5):
         self.alpha = alpha
 
@@ -81,7 +85,7 @@ class Smooth(Pass):
         quantized = {module_path(n) for n in gm.graph.nodes
                      if is_linear(n) and n.meta.get(ANNOT_KEY) is not None}
         pairs = find_smooth_pairs(gm, quantized)
-        gm.meta[PAIRS_KEY] = pairs
+        facts(gm).add(SmoothPairs(pairs))
         if not pairs:
             log.warning("Smooth: no foldable norm/linear -> linear pair found")
             return gm

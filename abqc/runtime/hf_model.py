@@ -1,21 +1,36 @@
-"""The transformers model tree with the lowered linears in place, for generation.
+"""The transformers model tree, derived from the program (never from the source model).
 
-`quantized_model` copies the module structure of the source model, shares every float
-parameter with it (no second copy of embeddings and norms), and puts the graph's
-`QuantLinear` modules (the very same objects, so the same packed tensors) where the
-quantized `nn.Linear`s were. `generate`, KV caches, streaming and the rest of the
-transformers API then run every quantized linear on the kernels.
+The single-store rule: the compiled program (the graph module and its facts) owns every
+tensor. `transformers_tree` rebuilds the transformers module tree around those tensors:
+the module structure comes from the `Source` fact's skeleton (the captured model's tree
+with meta tensors, see `capture.skeleton_of`), every parameter and buffer is the graph's
+tensor of the same name (smoothed norms, folded compensation, rotated embeddings: whatever
+the passes left there), and each lowered linear is the graph's very `QuantLinear` object.
+Generation, saving, `abqc.load` and ``from_pretrained`` all start from this tree, so they
+run what the graph runs. What the tree cannot hold (a quantized linear the kernels could
+not take, attention quantization that lives in graph nodes) is listed in ``tree.abqc_gaps``
+and refused by whatever would run the tree.
 """
 from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from ..capture import PATH_KEY
+from ..capture import PATH_KEY, ROOT
+from ..errors import AbqcError
+from ..facts import KVQuant, Source, facts
 from ..ir import is_qlinear
 from .qlinear import QuantLinear
+
+#: Attribute of a derived tree: path -> why that part of the program is not in the tree.
+GAPS_ATTR = "abqc_gaps"
+
+
+class ProgramError(AbqcError):
+    """The program and a tree derived from it would disagree."""
 
 
 def lowered_modules(gm: GraphModule) -> dict[str, QuantLinear]:
@@ -39,12 +54,78 @@ def copy_replacing(model: nn.Module, replace: dict[nn.Module, nn.Module]) -> nn.
     return copy.deepcopy(model, memo)
 
 
-def quantized_model(model: nn.Module, modules: dict[str, QuantLinear]) -> nn.Module:
-    """A copy of `model` whose linears at `modules`' paths are those QuantLinears."""
-    replace = {}
-    for path, q in modules.items():
-        lin = model.get_submodule(path)
-        if not isinstance(lin, nn.Linear):
-            raise TypeError(f"{path} is a {type(lin).__name__}, not an nn.Linear")
-        replace[lin] = q
-    return copy_replacing(model, replace)
+def _graph_tensor(gm: GraphModule, target: str) -> torch.Tensor | None:
+    mod = gm
+    *parents, name = target.split(".")
+    for part in parents:
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    if isinstance(mod, QuantLinear):
+        return None
+    t = mod._parameters.get(name)
+    if t is None:
+        t = mod._buffers.get(name)
+    return t
+
+
+def _as_param(t: torch.Tensor) -> nn.Parameter:
+    return t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+
+
+def transformers_tree(gm: GraphModule, lowered: bool = True) -> nn.Module:
+    """The transformers model whose every tensor is the program's.
+
+    With ``lowered=True`` each lowered linear is the graph's QuantLinear; with False (a float
+    view for calibration, before lowering) linears keep the graph's current float weights.
+    """
+    src = facts(gm).require(Source, "transformers_tree")
+    skel = src.skeleton
+    qmods = lowered_modules(gm) if lowered else {}
+    memo: dict[int, object] = {}
+    gaps: dict[str, str] = {}
+    for path, q in qmods.items():
+        memo[id(skel.get_submodule(path))] = q
+    placed: dict[int, tuple[str, torch.Tensor]] = {}
+    missing: list[tuple[str, torch.Tensor]] = []
+    named = [(n, t, True) for n, t in skel.named_parameters(remove_duplicate=False)] + \
+            [(n, t, False) for n, t in skel.named_buffers(remove_duplicate=False)]
+    for name, meta_t, is_param in named:
+        owner = name.rpartition(".")[0]
+        if any(owner == p or owner.startswith(p + ".") for p in qmods):
+            continue  # inside a lowered linear: the QuantLinear holds its own tensors
+        real = _graph_tensor(gm, f"{ROOT}.{name}")
+        if real is None:
+            missing.append((name, meta_t))
+            continue
+        if tuple(real.shape) != tuple(meta_t.shape):
+            raise ProgramError(f"program tensor {name} has shape {tuple(real.shape)}, the model "
+                               f"tree expects {tuple(meta_t.shape)}")
+        if id(meta_t) in placed:  # tied (lm_head and the embedding): one tensor in both places
+            first, t = placed[id(meta_t)]
+            if real is not t and not torch.equal(real, t):
+                raise ProgramError(f"{name} is tied to {first} in the model, but the program "
+                                   "holds different values for the two")
+            continue
+        memo[id(meta_t)] = _as_param(real) if is_param else real
+        placed[id(meta_t)] = (name, real)
+    for name, meta_t in missing:
+        if id(meta_t) not in placed:  # a tied name whose twin is placed is not missing
+            gaps[name] = "the program has no tensor of this name (removed by a pass)"
+    tree = copy.deepcopy(skel, memo)
+    if lowered:
+        for n in gm.graph.nodes:
+            if n.meta.get("abqc") is not None and n.op == "call_function" \
+                    and n.target is torch.ops.aten.linear.default:
+                gaps[n.meta[PATH_KEY]] = "quantized in the graph but not lowered to a kernel"
+        kv = facts(gm).get(KVQuant)
+        if kv is not None and kv.bits != 16:
+            gaps["attention"] = (f"kv_bits={kv.bits} quantizes attention in graph nodes only "
+                                 "(the tree's attention runs in float)")
+    tree.__dict__[GAPS_ATTR] = gaps
+    return tree.eval()
+
+
+def tree_gaps(tree: nn.Module) -> dict[str, str]:
+    """What of the program a derived tree does not hold (empty: it runs the whole program)."""
+    return dict(tree.__dict__.get(GAPS_ATTR, {}))

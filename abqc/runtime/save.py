@@ -92,7 +92,8 @@ def save(cm, directory: str | os.PathLike, tokenizer=None) -> Path:
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         cfg["quantization_config"]["checksums"] = {f: sha256(tmp / f) for f in files}
-        write_json(cfg_path, cfg)
+        from .hf_guard import guard_config  # plain transformers: an error naming abqc, not random linears
+        write_json(cfg_path, guard_config(cfg))
         tok = tokenizer if tokenizer is not None else getattr(cm, "tokenizer", None)
         if tok is not None:
             tok.save_pretrained(tmp)
@@ -109,7 +110,7 @@ def save(cm, directory: str | os.PathLike, tokenizer=None) -> Path:
     return directory
 
 
-def _annotate(gm, layers: dict[str, dict]) -> None:
+def annotate_from_layers(gm, layers: dict[str, dict]) -> None:
     """Give the re-captured qlinear nodes their annotations back, from the layer table."""
     from ..capture import PATH_KEY
     from ..config import LinearAnnotation, QuantSpec
@@ -129,11 +130,12 @@ def _annotate(gm, layers: dict[str, dict]) -> None:
 
 
 def load(directory: str | os.PathLike, max_seq_len: int | None = None):
-    """A CompiledModel from a directory written by `save` (graph re-captured, kernels loaded)."""
+    """A CompiledModel from a directory written by `save`: the loaded transformers tree owns
+    every tensor; the graph is captured from it only when asked for (``cm(ids)``,
+    ``cm.graph_module``), so loading and generating never run torch.export."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..capture import capture
     from ..compiled import CompiledModel
     from ..config import CompileConfig
 
@@ -155,10 +157,8 @@ def load(directory: str | os.PathLike, max_seq_len: int | None = None):
     compile_cfg = {k: v for k, v in qc.get("compile_config", {}).items()
                    if k not in ("dump_ir", "print_ir")}
     config = CompileConfig.from_options(**compile_cfg) if compile_cfg else CompileConfig()
-    gm = capture(model, max_seq_len or config.max_seq_len)
-    cm = CompiledModel(gm, config, hf_config=model.config, hf_model=model)
-    cm.saved_layers = dict(qc.get("layers", {}))
-    _annotate(gm, cm.saved_layers)
+    cm = CompiledModel(None, config, tree=model, saved_layers=dict(qc.get("layers", {})),
+                       max_seq_len=max_seq_len)
     tok_files = ("tokenizer.json", "tokenizer_config.json")
     if any((directory / f).exists() for f in tok_files):
         from transformers import AutoTokenizer
