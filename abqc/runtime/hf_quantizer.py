@@ -19,6 +19,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import ConfigError
+from . import hf_guard
 from .format import QuantFormat
 from .qlinear import QuantLinear
 
@@ -119,8 +120,10 @@ class AbqcHfQuantizer(HfQuantizer):
 
 
 def register() -> None:
-    """Make ``quant_method: "abqc"`` known to transformers (idempotent)."""
+    """Make ``quant_method: "abqc"`` and the guarded ``model_type`` known to transformers
+    (idempotent)."""
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(AbqcConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(AbqcHfQuantizer)
+    hf_guard.register()  # the guarded model_type of saved config.json files (see hf_guard)
