@@ -131,15 +131,18 @@ class QuantLinear(nn.Module):
             packed = torch.zeros(packed_shape(fmt.n, fmt.k, fmt.wbits), dtype=torch.uint8)
         else:
             packed = torch.zeros(fmt.wbits, fmt.n, s.kp // P.TABLE_GROUP, dtype=torch.uint8)
+        # dtypes are the kernels' (explicit: from_pretrained(dtype=...) builds modules under
+        # another default dtype); `_apply` keeps them through .to(dtype) / .half() / ...
+        f32 = torch.float32
         self.register_buffer("weight_packed", packed)
-        self.register_buffer("weight_scale", torch.ones(fmt.n, g))
-        self.register_buffer("weight_zero_point", torch.zeros(fmt.n, g))
+        self.register_buffer("weight_scale", torch.ones(fmt.n, g, dtype=f32))
+        self.register_buffer("weight_zero_point", torch.zeros(fmt.n, g, dtype=f32))
         self.register_buffer("weight_sum", torch.zeros(fmt.n, g, dtype=torch.int32))
-        self.register_buffer("group_k", torch.tensor(s.group_lengths()))  # saved: no meta-init gaps
-        self.register_buffer("bias", torch.zeros(fmt.n) if bias else None)
+        self.register_buffer("group_k", torch.tensor(s.group_lengths(), dtype=f32))  # saved: no meta-init gaps
+        self.register_buffer("bias", torch.zeros(fmt.n, dtype=f32) if bias else None)
         self.register_buffer("outlier_indices",
                              torch.zeros(2, outliers, dtype=torch.int64) if outliers else None)
-        self.register_buffer("outlier_values", torch.zeros(outliers) if outliers else None)
+        self.register_buffer("outlier_values", torch.zeros(outliers, dtype=f32) if outliers else None)
 
     @classmethod
     def from_codes(cls, fmt: QuantFormat, codes: Tensor, scale: Tensor, zero: Tensor,
@@ -156,6 +159,19 @@ class QuantLinear(nn.Module):
             mod.outlier_indices = outliers.indices().clone()
             mod.outlier_values = outliers.values().float().clone()
         return mod
+
+    def _apply(self, fn, recurse=True):
+        """Devices move, dtypes stay: every buffer is in the dtype its kernel takes (packed
+        ints, float32 grids and bias), whatever ``.to(dtype)``, ``.half()``, ``.bfloat16()``
+        or transformers' loading casts; activations are cast at the kernel boundary instead."""
+        for name, buf in self._buffers.items():
+            if buf is None:
+                continue
+            new = fn(buf)
+            if new.dtype != buf.dtype:  # re-derive from the original: no lossy round trip
+                new = new.to(buf.dtype) if buf.is_meta else buf.to(new.device)
+            self._buffers[name] = new
+        return self
 
     def realign(self) -> "QuantLinear":
         """Copy buffers that are not 64-byte aligned (e.g. mapped from a safetensors file):
