@@ -79,7 +79,8 @@ class CompiledModel(nn.Module):
         """Write packed safetensors, config.json (``quantization_config``) and the tokenizer;
         reload with `abqc.load` or ``AutoModelForCausalLM.from_pretrained`` after ``import abqc``."""
         from .runtime.save import save
-        self._check_tree_is_whole("save")
+        if self.hf_model is not None:  # (a fake-quant graph is refused by `save` itself)
+            self._check_tree_is_whole("save")
         return save(self, directory, tokenizer)
 
     def generate(self, *args, **kwargs):
@@ -112,6 +113,9 @@ class CompiledModel(nn.Module):
         """The transformers tree runs the whole program: nothing lives in the graph only."""
         from .runtime.hf_model import tree_gaps
 
+        if self.hf_model is None:
+            raise RuntimeError(f"{what} needs the transformers model tree, and this CompiledModel "
+                               "has none (backend='fake_quant' keeps only the graph)")
         gaps = tree_gaps(self.hf_model)
         if gaps:
             path, reason = next(iter(gaps.items()))

@@ -89,6 +89,8 @@ class LinearAnnotation:
 
 
 BACKENDS = ("kernels", "fake_quant")
+#: Weight groups the packed kernels take are whole 64-bit words of K (codegen.packing.WORD).
+KERNEL_GROUP_ALIGN = 64
 #: Block-wise methods (trained per decoder block, not per linear): no layer-wise solver.
 BLOCK_METHODS = ("abq",)
 METHODS = ("rtn", "gptq", "quantease", "quantease_outlier", "gptq_quantease") + BLOCK_METHODS
@@ -232,6 +234,15 @@ class CompileConfig:
             if "method" in ov and ov["method"] not in METHODS:
                 raise ConfigError(f"overrides[{pat!r}].method={ov['method']!r} is not allowed; "
                                   f"use one of {list(METHODS)}")
+        if self.backend == "kernels":  # refused now, not after a long calibration
+            for name, g in [("group_size", self.group_size)] + [
+                    (f"overrides[{p!r}].group_size", ov["group_size"])
+                    for p, ov in self.overrides.items() if "group_size" in ov]:
+                if g % KERNEL_GROUP_ALIGN:
+                    raise ConfigError(
+                        f"{name}={g} does not fit the integer kernels, which take groups in "
+                        f"multiples of {KERNEL_GROUP_ALIGN} (e.g. 64, 128) or 0 (per channel); "
+                        "use such a size, or backend='fake_quant' to simulate this one")
         if "abq" in self.methods() and self.methods() != {"abq"}:
             raise ConfigError(f"method 'abq' calibrates whole blocks and cannot be mixed with "
                               f"other methods; got {sorted(self.methods())}")

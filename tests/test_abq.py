@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import abqc
+from abqc.facts import CalibrationStats, facts
 from abqc.calibration.blocks import capture_block_inputs, decoder_blocks, run_block
 from abqc.calibration.losses import akl, attention_map, dlc
 from abqc.capture import capture
@@ -147,7 +148,7 @@ def test_abq_beats_rtn_block_loss_and_is_folded_into_the_graph(tiny_models, monk
     monkeypatch.setattr(abq_pass, "run_blocks", spy)
     cm = abqc.compile(m, wbits=4, abits=4, calib=calib, method="abq",
                       abq_options={"epochs": 4, "batch_size": 1, "comp_first": 1, "comp_last": 1})
-    stats = cm.graph_module.meta[abq_pass.STATS_KEY]
+    stats = facts(cm.graph_module).get(CalibrationStats).blocks
     assert sorted(stats) == [0, 1]
     for b, s in stats.items():
         assert s["loss_final"] < s["loss_rtn"], (b, s)
@@ -157,6 +158,8 @@ def test_abq_beats_rtn_block_loss_and_is_folded_into_the_graph(tiny_models, monk
         hidden = torch.cat([i.hidden for i in kept["inputs"]])  # the last trained block's outputs
         chain = m.lm_head(m.model.norm(hidden))
         assert torch.allclose(cm(calib).logits, chain, atol=1e-4)
+        # ... and so does the transformers tree that generate and save run (one store)
+        assert torch.equal(cm.hf_model(calib).logits, cm(calib).logits)
         # everything learnt lives in the graph's tensors: a saved and reloaded export agrees
         path = tmp_path / "abq.pt2"
         torch.export.save(torch.export.export(cm.graph_module, (calib[:2],), strict=False), path)
@@ -186,7 +189,7 @@ def test_a_block_that_loses_to_rtn_falls_back_to_rtn(tiny_models, fallback):
             "comp_first": 1, "comp_last": 1, "rtn_fallback": fallback}
     cm = abqc.compile(tiny_models["llama"], wbits=4, abits=8, calib=calib, method="abq",
                       abq_options=opts)
-    for b, s in cm.graph_module.meta[abq_pass.STATS_KEY].items():
+    for b, s in facts(cm.graph_module).get(CalibrationStats).blocks.items():
         assert s["loss_init"] > 1.5 * s["loss_rtn"], (b, s)  # the start is worse
         if fallback:  # RTN on the smoothed weights: near plain RTN's loss, far below the start
             assert s["kept"] == "rtn" and s["loss_final"] < min(s["loss_init"] / 1.5, 2 * s["loss_rtn"]), (b, s)

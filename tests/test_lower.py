@@ -65,11 +65,12 @@ def test_groups_and_unaligned_groups(tiny_models, ids):
     ref = abqc.compile(m, wbits=4, abits=16, group_size=64, backend="fake_quant")
     torch.testing.assert_close(cm(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-5)
     assert all("g=64" in n.args[-1] for n in cm.graph_module.graph.nodes if is_qlinear(n))
-    odd = abqc.compile(m, wbits=4, abits=8, group_size=32)
-    floats = facts(odd.graph_module).get(Lowered).float_linears
-    assert any("group size 32 is not a multiple of 64" in why for why in floats.values())
-    ref = abqc.compile(m, wbits=4, abits=8, group_size=32, backend="fake_quant")
-    torch.testing.assert_close(odd(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-6)
+    # a group size the kernels cannot take is refused before anything runs, naming the value
+    with pytest.raises(abqc.ConfigError, match="group_size=32 does not fit the integer kernels"):
+        abqc.compile(m, wbits=4, abits=8, group_size=32)
+    with pytest.raises(abqc.ConfigError, match=r"overrides\['down_proj'\].group_size=48"):
+        abqc.compile(m, wbits=4, abits=8, overrides={"down_proj": {"group_size": 48}})
+    abqc.compile(m, wbits=4, abits=8, group_size=32, backend="fake_quant")  # simulated: fine
 
 
 def test_bad_backend_is_refused():

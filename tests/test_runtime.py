@@ -109,16 +109,20 @@ def test_single_token_fast_path_equals_the_op():
 
 
 def test_generate_and_save_refuse_a_tree_missing_quantized_linears(tiny_models, tmp_path):
-    """Group size 32 has no kernel: the graph runs those linears fake-quantized, and the
-    transformers tree would run them unquantized; generate and save say so, not diverge."""
-    cm = abqc.compile(tiny_models["llama"], wbits=4, abits=16, group_size=32)
+    """A quantized lm_head tied to the embedding has no kernel (its module holds the
+    embedding's float weight too): the graph runs it fake-quantized, and the transformers tree
+    would run it in float; generate and save say so, not diverge."""
+    from frontends.tiny import tiny_model
+
+    cm = abqc.compile(tiny_model("llama", tie_word_embeddings=True), wbits=4, abits=16, exclude=())
     missing = cm.unlowered_linears()
-    assert len(missing) == 14 and "group size 32" in missing["model.layers.0.mlp.down_proj"]
-    with pytest.raises(NotImplementedError, match="could not be lowered.*group size 32"):
+    assert list(missing) == ["lm_head"] and "tied weights" in missing["lm_head"]
+    with pytest.raises(NotImplementedError, match="lm_head: quantized in the graph but could not be "
+                                                  "lowered to a kernel: .*tied weights"):
         cm.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2)
     with pytest.raises(NotImplementedError, match="could not be lowered"):
-        cm.save(tmp_path / "g32")
-    assert not (tmp_path / "g32").exists()
+        cm.save(tmp_path / "tied")
+    assert not (tmp_path / "tied").exists()
     assert abqc.compile(tiny_models["llama"], wbits=4, abits=16, group_size=64).unlowered_linears() == {}
 
 

@@ -21,7 +21,7 @@ from torch.fx import GraphModule
 
 from ..capture import PATH_KEY, ROOT
 from ..errors import AbqcError
-from ..facts import KVQuant, Source, facts
+from ..facts import KVQuant, Lowered, Source, facts
 from ..ir import is_qlinear
 from .qlinear import QuantLinear
 
@@ -114,10 +114,14 @@ def transformers_tree(gm: GraphModule, lowered: bool = True) -> nn.Module:
             gaps[name] = "the program has no tensor of this name (removed by a pass)"
     tree = copy.deepcopy(skel, memo)
     if lowered:
+        low = facts(gm).get(Lowered)
+        why = low.float_linears if low is not None else {}
         for n in gm.graph.nodes:
             if n.meta.get("abqc") is not None and n.op == "call_function" \
                     and n.target is torch.ops.aten.linear.default:
-                gaps[n.meta[PATH_KEY]] = "quantized in the graph but not lowered to a kernel"
+                path = n.meta[PATH_KEY]
+                gaps[path] = ("quantized in the graph but could not be lowered to a kernel: "
+                              + why.get(path, "not lowered"))
         kv = facts(gm).get(KVQuant)
         if kv is not None and kv.bits != 16:
             gaps["attention"] = (f"kv_bits={kv.bits} quantizes attention in graph nodes only "
