@@ -6,7 +6,7 @@ returns a `CompiledModel`.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 from . import ops  # noqa: F401  (registers the abqc:: custom ops)
 from .api import compile  # noqa: A001
@@ -14,7 +14,7 @@ from .compiled import CompiledModel
 from .config import CompileConfig, LinearAnnotation, QuantSpec
 from .errors import AbqcError, ConfigError, UnsupportedModelError
 from .runtime import hf_quantizer as _hf_quantizer
-from .runtime.save import load
+from .runtime.load import load
 
 _hf_quantizer.register()  # saved abqc models load with AutoModelForCausalLM.from_pretrained
 

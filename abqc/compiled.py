@@ -48,7 +48,7 @@ class CompiledModel(nn.Module):
         gm = self._modules.get("program")
         if gm is None:
             from .capture import capture
-            from .runtime.save import annotate_from_layers
+            from .runtime.layers import annotate_from_layers
 
             gm = capture(self.__dict__["_tree"], self._max_seq_len or self.config.max_seq_len)
             annotate_from_layers(gm, self.saved_layers or {})

@@ -191,7 +191,7 @@ def run_one(args) -> dict:
 
 
 def _layers(cm) -> dict:
-    from abqc.runtime.save import layer_table
+    from abqc.runtime.layers import layer_table
 
     return layer_table(cm)
 

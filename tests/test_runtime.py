@@ -165,3 +165,23 @@ def test_one_token_fast_path_matches_the_general_path(formulation, abits):
     q.weight_scale = q.weight_scale * 2  # a new buffer: the cached views must not be reused
     torch.testing.assert_close(q(x), general(x), rtol=1e-6, atol=1e-6)
     assert not torch.allclose(q(x), y)
+
+
+def test_load_and_generate_never_run_torch_export(tiny_models, tmp_path, ids, monkeypatch):
+    """A loaded model owns its tensors in the transformers tree; the graph is captured only
+    when asked for (cm(ids)), so `abqc.load` + `generate` (and `abqc generate DIR`) start at once."""
+    cm = abqc.compile(tiny_models["llama"], wbits=4, abits=8)
+    cm.save(tmp_path / "m")
+    real = torch.export.export
+
+    def refuse(*a, **k):
+        raise AssertionError("torch.export ran")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    loaded = abqc.load(tmp_path / "m")
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(loaded.generate(ids[:1, :5], **kw), cm.generate(ids[:1, :5], **kw))
+    monkeypatch.setattr(torch.export, "export", real)
+    with torch.no_grad():  # the graph on first use: the same program as the tree
+        assert torch.equal(loaded(ids).logits, loaded.hf_model(ids).logits)
+    assert loaded.annotations == cm.annotations

@@ -173,6 +173,20 @@ class QuantLinear(nn.Module):
             self._buffers[name] = new
         return self
 
+    #: per-instance caches of compiled kernels and prepared views: rebuilt on first use,
+    #: never copied (TVM function handles cannot be deep-copied or pickled)
+    _TRANSIENT = ("_decode_state",)
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k not in self._TRANSIENT:
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
+
     def realign(self) -> "QuantLinear":
         """Copy buffers that are not 64-byte aligned (e.g. mapped from a safetensors file):
         the kernels read them in place, and TVM needs aligned data."""
