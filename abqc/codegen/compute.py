@@ -11,6 +11,9 @@ Four formulations, all over zero-padded K (see `packing`), M symbolic (any token
 The integer ones end in the dequantization epilogue, per group g (one group per channel):
 ``y = s_x Σ_g s_w (acc_g - z_w Σx_g - z_x Σw_g + K_g z_x z_w)``, computed in float64 (the
 terms are large and cancel) and stored as float32. Weight-only: ``y = Σ_g s_w (acc_g - z_w Σx_g)``.
+Every integer kernel (``bitserial``, ``lut``, both ``vnni`` kernels) computes that epilogue by
+`group_term`: one expression tree, the same on every CPU, that torch reproduces operation for
+operation (`abqc.runtime.reference.FakeQuantLinear`), so the two agree bit for bit.
 """
 from __future__ import annotations
 
@@ -48,6 +51,28 @@ class KernelShape:
         return [float(max(0, min(gs, self.k - g * gs))) for g in range(self.groups)]
 
 
+def no_contract(product):
+    """`product` unchanged, behind an ``llvm.arithmetic.fence``: TVM lets LLVM contract a
+    multiply and a following add into one FMA (``AllowFPOpFusion=Fast``; the epilogues built
+    here compiled to ``vfmsub213pd`` / ``vfnmadd231pd``), which rounds once where the same
+    expression in torch rounds twice. Behind the fence the product is rounded on its own, as
+    IEEE float64, on every x86-64 CPU."""
+    return tirx.call_llvm_pure_intrin(str(product.ty), "llvm.arithmetic.fence", product)
+
+
+def group_term(acc64, sumx, zx, kg, sw, zw, sumw):
+    """One group's float64 epilogue term ``s_w (((acc - z_w Σx) - z_x Σw) + (K z_x) z_w)``,
+    in exactly this order, each product rounded on its own (`no_contract`); all arguments
+    float64 expressions (scalars or vectors of the same lanes). The result is ``y = s_x Σ_g``
+    of these, g = 0, 1, ... in order. With integer (or half-integer) zero points on both
+    sides every product and partial sum here is an exact float64 (|acc| < 2^31, products
+    < 2^40), so only ``s_w *`` and ``s_x *`` round; with a fractional zero (1-bit asymmetric
+    grids) the sums round too, the same way in torch: no contraction, no reassociation (TVM
+    builds without fast-math)."""
+    f = no_contract
+    return f(sw * (acc64 - f(zw * sumx) - f(zx * sumw) + f(f(kg * zx) * zw)))
+
+
 def _epilogue(acc, m, shape: KernelShape, weight_only: bool):
     n, g_count = shape.n, shape.groups
     sw = te.placeholder((n, g_count), "float32", name="sw")
@@ -71,9 +96,8 @@ def _epilogue(acc, m, shape: KernelShape, weight_only: bool):
         return t.astype("float64")
 
     y = te.compute((m, n), lambda a, b: te.sum(
-        f64(sw[b, g]) * (f64(acc[a, b, g]) - f64(zw[b, g]) * f64(sumx[a, g])
-                         - f64(zx[a]) * f64(sumw[b, g]) + f64(kg[g]) * f64(zx[a]) * f64(zw[b, g])),
-        axis=g), name="y64")
+        group_term(f64(acc[a, b, g]), f64(sumx[a, g]), f64(zx[a]), f64(kg[g]), f64(sw[b, g]),
+                   f64(zw[b, g]), f64(sumw[b, g])), axis=g), name="y64")
     out = te.compute((m, n), lambda a, b: (f64(sx[a]) * y[a, b]).astype("float32"), name="y")
     return [sx, zx, sumx, sw, zw, sumw, kg], out
 

@@ -15,7 +15,7 @@ consecutive activation bytes. Activations are the per-token codes (uint8, 0..2^a
 K zero-padded to whole blocks. 8-bit weight codes do not fit the signed operand: they are
 stored as ``code - 128`` and the kernel adds ``128 * Σx`` back, so the accumulator is
 always the exact ``Σ_k xq[m, k] wq[n, k]``. The epilogue is the integer formulations'
-(float64, then float32).
+(`compute.group_term`: float64, then float32), operation for operation.
 
 Schedule parameters: ``n_tile`` (rows per tile, one vector store), ``chains`` (independent
 accumulators per row); tiles run in parallel. With ``m_tile`` > 1 the same layout runs on the
@@ -30,7 +30,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .compute import KernelShape
+from .compute import KernelShape, group_term
 
 NP_ALIGN = 16  # rows are padded to a multiple of this (every n_tile divides it)
 VNNI_DEFAULT = {"n_tile": 8, "chains": 1}
@@ -140,9 +140,9 @@ def declare_args(shape: KernelShape, with_epilogue: bool) -> dict:
 
 
 def epilogue(B: dict, m, rows: list, acc, off: int):
-    """float32 ``s_x s_w (acc - z_w Σx - z_x Σw + K z_x z_w)`` (in float64) for token `m` and
-    `rows` (one row: scalar; several: a vector over them); `acc` is int32 with the same
-    lanes, without the 8-bit offset, which is added here (``off * Σx``)."""
+    """float32 ``s_x s_w (acc - z_w Σx - z_x Σw + K z_x z_w)`` (in float64, `group_term`'s
+    tree) for token `m` and `rows` (one row: scalar; several: a vector over them); `acc` is
+    int32 with the same lanes, without the 8-bit offset, which is added here (``off * Σx``)."""
     lanes = len(rows)
     f64 = "float64" if lanes == 1 else f"float64x{lanes}"
 
@@ -157,8 +157,8 @@ def epilogue(B: dict, m, rows: list, acc, off: int):
     SX, ZX, SUMX, KG = B["sx"], B["zx"], B["sumx"], B["kg"]
     acc64 = c64(acc + _bcast(off * SUMX[m, 0], lanes) if off else acc)
     sw, zw, sumw = per_row(B["sw"]), per_row(B["zw"]), per_row(B["sumw"])
-    y64 = c64(sw) * (acc64 - c64(zw) * c64(SUMX[m, 0], True) - c64(ZX[m], True) * c64(sumw)
-                     + c64(KG[0], True) * c64(ZX[m], True) * c64(zw))
+    y64 = group_term(acc64, c64(SUMX[m, 0], True), c64(ZX[m], True), c64(KG[0], True),
+                     c64(sw), c64(zw), c64(sumw))
     return tirx.Cast("float32" if lanes == 1 else f"float32x{lanes}", c64(SX[m], True) * y64)
 
 

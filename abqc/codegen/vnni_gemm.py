@@ -6,8 +6,9 @@ token re-loads and re-decodes its tile's weights: about three vector operations 
 `m_tile` activation vectors once and feeds `n_tile * m_tile` ``vpdpbusd`` from them, into as
 many accumulators held in registers (4 x 4: 16 accumulators, 8 operands, under AVX-512's 32
 registers). The weight layout and the activation codes are the GEMV kernel's, so one packed
-weight serves both and the tuner picks per M bucket; the epilogue is the same formula with
-its per-row terms folded once per row tile (`row_constants`).
+weight serves both and the tuner picks per M bucket; the epilogue is the same expression
+(`compute.group_term`), with its per-row operands loaded and widened once per row tile
+(`row_constants`), so that both kernels, and torch, round every output the same way.
 
 The accumulators are small local buffers. TVM would place them in its workspace heap, where
 LLVM cannot keep them in registers; they are marked ``disable_lower_builtin`` (stack
@@ -26,7 +27,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .compute import KernelShape
+from .compute import KernelShape, group_term
 from .vnni import (NP_ALIGN, _bcast, _dot, block_codes, check_shape, declare_args, hsum, hsum_many,
                    padded_n, storage_bits, vnni_kp, x_sum)
 
@@ -67,7 +68,7 @@ def vnni_gemm(shape: KernelShape, with_epilogue: bool = True, n_tile: int = GEMM
             B = declare_args(shape, with_epilogue)
             M, X, W = B["M"], B["x"], B["w"]
             with T.parallel(0, padded_n(n) // nt) as no:
-                consts = row_constants(B, no * nt, nt, n, off) if with_epilogue else None
+                consts = row_constants(B, no * nt, nt, n) if with_epilogue else None
                 with T.serial(0, (M + mt - 1) // mt) as mo:
                     acc = [[_local(16, "int32") for _ in range(mt)] for _ in range(nt)]
                     for r in range(nt):
@@ -96,27 +97,24 @@ def vnni_gemm(shape: KernelShape, with_epilogue: bool = True, n_tile: int = GEMM
     return ib.get()
 
 
-def row_constants(B: dict, row0, nt: int, n: int, off: int) -> tuple:
-    """Per-row epilogue constants of a row tile, computed once before its token blocks
-    (float64, `nt` lanes): ``s_w``, ``P = s_w z_w - off s_w`` and ``Q = s_w (Σw - K z_w)``, so
-    that ``y = s_x (s_w acc - P Σx - z_x Q)``, the GEMV epilogue's
-    ``s_x s_w (acc + off Σx - z_w Σx - z_x Σw + K z_x z_w)`` regrouped: three operations a
-    token instead of a dozen. Rows past N (the padding) read row N - 1 and are never stored."""
+def row_constants(B: dict, row0, nt: int, n: int) -> tuple:
+    """A row tile's epilogue operands ``s_w``, ``z_w``, ``Σw`` as float64 vectors of `nt`
+    lanes, loaded and widened once before its token blocks. (Folding them into fewer
+    per-token terms, ``y = s_x (s_w acc - P Σx - z_x Q)`` with ``P = s_w (z_w - off)`` and
+    ``Q = s_w (Σw - K z_w)``, saves an operation or two a token but rounds products that
+    `group_term` keeps exact, and LLVM contracts them into FMAs: the result is no longer
+    the GEMV kernel's, nor reproducible in torch.) Rows past N (the padding) read row N - 1
+    and are never stored."""
     rows = [tirx.min(row0 + r, n - 1) for r in range(nt)]
 
     def vec(values):
         return values[0] if nt == 1 else tirx.Shuffle(values, list(range(nt)))
 
-    sw = [tirx.Cast("float64", B["sw"][r, 0]) for r in rows]
-    zw = [tirx.Cast("float64", B["zw"][r, 0]) for r in rows]
-    sumw = [tirx.Cast("float64", B["sumw"][r, 0]) for r in rows]
-    k = tirx.Cast("float64", B["kg"][0])
     lanes = tirx.Ramp(0, 1, nt) if nt > 1 else 0
     out = []
-    for values in (sw, [a * b - off * a for a, b in zip(sw, zw)],
-                   [a * (c - k * b) for a, b, c in zip(sw, zw, sumw)]):
+    for name in ("sw", "zw", "sumw"):
         buf = _local(nt, "float64")
-        T.buffer_store(buf, vec(values), [lanes])
+        T.buffer_store(buf, vec([tirx.Cast("float64", B[name][r, 0]) for r in rows]), [lanes])
         out.append(buf[lanes])
     return tuple(out)
 
@@ -134,11 +132,13 @@ def store_rows(B: dict, m, row0, sums, nt: int, n: int, consts: tuple | None, of
         if not with_epilogue:
             return acc + _bcast(off * x_sum(B["x"], m, kp), lanes) if off else acc
         f64 = "float64" if lanes == 1 else f"float64x{lanes}"
-        sw, p, q = c
+        sw, zw, sumw = c
 
         def bc(e):
             return _bcast(tirx.Cast("float64", e), lanes)
-        y = bc(B["sx"][m]) * (sw * tirx.Cast(f64, acc) - p * bc(B["sumx"][m, 0]) - bc(B["zx"][m]) * q)
+        sumx = B["sumx"][m, 0]
+        acc64 = tirx.Cast(f64, acc + _bcast(off * sumx, lanes) if off else acc)  # int32: exact
+        y = bc(B["sx"][m]) * group_term(acc64, bc(sumx), bc(B["zx"][m]), bc(B["kg"][0]), sw, zw, sumw)
         return tirx.Cast("float32" if lanes == 1 else f"float32x{lanes}", y)
 
     def by_row():
