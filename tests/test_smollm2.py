@@ -50,10 +50,18 @@ def test_capture_is_exact_and_compile_w8a8_is_close(smollm2):
     assert q4 > w8, (q4, w8)
 
 
-def test_kernels_match_fake_quant_generate_and_round_trip(smollm2, tmp_path):
+def test_kernels_match_fake_quant_generate_and_round_trip(smollm2, tmp_path, monkeypatch):
     """SmolLM2 at W4A8 on the generated kernels: perplexity as the fake-quant graph's, the
     same greedy tokens through the KV-cache decode, identical logits after save -> load."""
+    from abqc.codegen.vnni import vnni_supported
+    from abqc.runtime import kernels
+
     m, tok = smollm2
+    # an integer formulation (exact accumulator), not whatever a tuning log or a CPU without
+    # AVX-512 VNNI would pick: `unpack` sums in float32 and the bit-for-bit claims below
+    # are about the integer kernels (tests/test_reference.py)
+    form = "vnni" if vnni_supported() else "lut"
+    monkeypatch.setattr(kernels, "best_formulation", lambda shape, tune_missing=None: form)
     ids = corpus.eval_windows(tok, corpus.load_text("pydoc"), seqlen=256, max_windows=2)
     cm = abqc.compile(m, wbits=4, abits=8, tokenizer=tok)
     ref = abqc.compile(m, wbits=4, abits=8, backend="fake_quant")
@@ -64,22 +72,44 @@ def test_kernels_match_fake_quant_generate_and_round_trip(smollm2, tmp_path):
     # 32 x 2048: bench/e2e.py --ppl-windows 32)
     assert abs(p_k / p_f - 1) < 0.01, (p_k, p_f)
     prompt = tok("The Python standard library", return_tensors="pt").input_ids
-    out = cm.generate(prompt, max_new_tokens=32, do_sample=False)
+    gen_out = cm.generate(prompt, max_new_tokens=32, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True)
+    out, decoded = gen_out.sequences, torch.stack(gen_out.scores, 1)[0]  # decode-step logits
     # the fake-quant modules (torch, rounding as the integer kernels round) give the same
     # 32 greedy tokens and the same logits, bit for bit
     fq = cm.fake_quant_model()
     assert torch.equal(fq.generate(prompt, max_new_tokens=32, do_sample=False), out)
     with torch.no_grad():
         assert torch.equal(fq(ids[:1]).logits, cm.hf_model(ids[:1]).logits)
-    # The fake-quant *graph* computes F.linear in float32, in an order of its own, so a
-    # free-running greedy continuation is not token-identical to it: with 8-bit activations
-    # a 1-ulp difference can move a code across a rounding boundary (README, "Exactness").
-    # Teacher-forced on the generated tokens, it picks the same next token almost everywhere.
-    gen = out[0, prompt.shape[1]:]
+    # The fake-quant *graph* computes F.linear in float32, in an order of its own, so it is
+    # the same W4A8 model rounded differently, and with 8-bit activations rounding is
+    # amplified: a 1-ulp change moves a code across a rounding boundary, SmolLM2's massive
+    # activations make one code step large, and 30 layers compound it (README,
+    # "Exactness"). The yardstick is the kernels against themselves: teacher-forced
+    # (prefill: attention and softmax over all tokens at once) against their own KV-cache
+    # decode, the same integer arithmetic with only attention rounded in another order.
+    # Measured (Xeon, AVX-512 VNNI): their logits differ by 1.8% (median position, relative
+    # L2; 11% max), the graph's from the kernels' by 2.2%; at W4A16, where no activation is
+    # rounded to a code, both are 5e-6. So the graph must stay within a small multiple of
+    # that noise floor; a different function (e.g. the float model: 25%) does not.
+    P = prompt.shape[1]
+    gen = out[0, P:]
     with torch.no_grad():
-        for graph in (cm, ref):
-            pick = graph(out).logits.argmax(-1)[0, prompt.shape[1] - 1:-1]
-            assert (pick == gen).float().mean() >= 0.9, (graph, pick, gen)
+        k_tf = cm(out).logits[0, P - 1:-1]
+        f_tf = ref(out).logits[0, P - 1:-1]
+
+    def rel(a, b):
+        return ((a - b).norm(dim=-1) / b.norm(dim=-1)).median().item()
+    noise, diff = rel(k_tf, decoded), rel(f_tf, k_tf)
+    assert 0 < noise < 0.05 and diff < 3 * noise, (noise, diff)
+    # Greedy picks are a discontinuous image of those logits: where the top two are close
+    # (here a third of the 32 positions are within 0.35 logits) a 2% perturbation flips the
+    # pick. The kernels' own prefill agrees with their decode on 29 of 32 tokens here, the
+    # graph on 27 (a fixed 0.9 held on one CPU's rounding only); the graph may flip at most
+    # 4 more of the 32 than that rounding noise does (the float model agrees on 15).
+    agree_self = (k_tf.argmax(-1) == gen).float().mean().item()
+    agree_graph = (f_tf.argmax(-1) == gen).float().mean().item()
+    assert agree_self >= 0.75 and agree_graph >= agree_self - 4 / 32, (agree_self, agree_graph)
     cm.save(tmp_path / "w4a8")
     loaded = abqc.load(tmp_path / "w4a8")
     with torch.no_grad():

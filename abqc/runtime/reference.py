@@ -6,11 +6,19 @@ its partial sums in an order of its own; with quantized activations a one-ulp di
 can move the next layer's activation code across a rounding boundary, and over a few
 dozen layers and tokens two implementations of the same W4A8 model drift apart (see
 the README, "Exactness"). The integer kernels instead compute the product exactly and
-round once, in the epilogue ``y = s_x Σ_g s_w (acc - z_w Σx - z_x Σw + K z_x z_w)``
-(float64, then float32). This module does the same: activation codes on the same grid,
-the exact integer accumulator (a float64 matmul of integers below 2^53 is exact), and the
-epilogue term for term. Weight-only formats have no integer accumulator; they get the
-float64 product rounded once, which the kernels approach but need not equal.
+round in the epilogue ``y = s_x Σ_g s_w (acc - z_w Σx - z_x Σw + K z_x z_w)`` (float64,
+then float32). This module does the same: activation codes on the same grid, the exact
+integer accumulator (a float64 matmul of integers below 2^53 is exact), and the epilogue
+as every integer kernel evaluates it (`abqc.codegen.compute.group_term`): the same float64
+operations in the same order, each product rounded on its own (the kernels fence their
+products against FMA contraction; eager torch never fuses), groups summed 0, 1, ... So the
+two are equal by construction, on any x86-64 CPU and whichever integer formulation or
+schedule the QuantLinear runs. (With integer zero points every product and sum before
+``s_w *`` is an exact float64, so even the order could not matter.)
+
+Not bit-identical: ``unpack`` (float activations in, float32 sums in the kernel's own
+order) and the weight-only formats, which get the float64 product rounded once; the
+kernels approach it but need not equal it.
 """
 from __future__ import annotations
 
@@ -68,7 +76,9 @@ class FakeQuantLinear(nn.Module):
         return y.view(*x.shape[:-1], fmt.n).to(x.dtype)
 
     def _integer_product(self, x2: Tensor) -> Tensor:
-        """The kernels' result: exact Σ xq wq per group, then their float64 epilogue."""
+        """The kernels' result: exact Σ xq wq per group, then their float64 epilogue, in
+        `group_term`'s order: ``s_w (((acc - z_w Σx) - z_x Σw) + (K z_x) z_w)`` per group,
+        summed from group 0, times ``s_x``, to float32."""
         fmt, q = self.fmt, self.qlinear
         wc, bounds, sumw, _ = self._weight_terms()
         xc, sx, zx = quantize_activations(x2, fmt.abits, fmt.act_symmetric)
@@ -80,7 +90,7 @@ class FakeQuantLinear(nn.Module):
         for g, (a, b) in enumerate(bounds):
             acc = xc[:, a:b] @ wc[:, a:b].T  # integers: exact in float64
             sumx = xc[:, a:b].sum(1, keepdim=True)
-            term = sw[:, g] * (acc - zw[:, g] * sumx - zx * sumw[:, g] + kg[g] * zx * zw[:, g])
+            term = sw[:, g] * (((acc - zw[:, g] * sumx) - zx * sumw[:, g]) + (kg[g] * zx) * zw[:, g])
             y = term if y is None else y + term
         return (sx * y).float()
 
