@@ -116,3 +116,25 @@ def test_smoothing_reaches_every_path(outlier_models, tmp_path):
     cm.save(tmp_path / "m")
     loaded = abqc.load(tmp_path / "m").hf_model
     assert torch.equal(loaded.model.layers[0].input_layernorm.weight, tree_norm)
+
+
+def test_the_one_program_table_has_one_error_per_row(tmp_path):
+    """The issue's table (tiny Llama hidden 128, four input-norm channels x20), re-measured:
+    graph, tree, saved + loaded and from_pretrained have one error per row, and smoothing
+    lowers it (before the single store the smoothed and ABQ rows were 1.00 in the tree)."""
+    from abqc.agreement import outlier_model, path_errors
+    from frontends.tiny import tiny_model
+
+    model = outlier_model(tiny_model("llama", hidden_size=128, intermediate_size=256))
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    calib = dict(calib=CALIB, nsamples=4, seqlen=32)
+    rows = {"rtn": dict(wbits=8, abits=8), "rtn smooth": dict(wbits=8, abits=8, smooth=True),
+            "gptq": dict(wbits=8, abits=8, method="gptq"),
+            "gptq smooth": dict(wbits=8, abits=8, method="gptq", smooth=True),
+            "abq": dict(wbits=4, abits=8, method="abq", abq_options={"epochs": 1, "batch_size": 2})}
+    errs = {name: path_errors(model, ids, tmp_path, **calib, **kw) for name, kw in rows.items()}
+    for name, e in errs.items():
+        assert len(set(e.values())) == 1, (name, e)  # one program: one number
+    assert errs["rtn smooth"]["tree"] < errs["rtn"]["tree"]
+    assert errs["gptq smooth"]["tree"] < errs["gptq"]["tree"]
+    assert errs["abq"]["tree"] < 0.5
