@@ -15,6 +15,24 @@ from .facts import CalibrationStats, Lowered, Source, facts
 from .ir import ANNOT_KEY, format_graph, is_qlinear
 
 
+def causal_lm_loss(logits: torch.Tensor, labels, shape) -> torch.Tensor:
+    """transformers' causal-LM loss: logits at t predict labels at t+1, in float32, mean
+    over the labels that are not -100."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() \
+            or tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels must be an integer tensor shaped like input_ids {tuple(shape)}, "
+                         f"got {getattr(labels, 'dtype', type(labels).__name__)} "
+                         f"{tuple(getattr(labels, 'shape', ()))}")
+    vocab = logits.shape[-1]
+    real = labels[labels != -100]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):
+        bad = int(real.min()) if int(real.min()) < 0 else int(real.max())
+        raise ValueError(f"labels hold {bad}, outside [0, {vocab}) (and not -100, the ignored label)")
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab), shift.reshape(-1),
+                                             ignore_index=-100, reduction="mean")
+
+
 class CompiledModel(nn.Module):
     """Runs the quantized graph: ``cm(input_ids).logits``.
 
@@ -75,13 +93,16 @@ class CompiledModel(nn.Module):
         src = facts(self.graph_module).get(Source)
         return src.skeleton.config if src is not None else None
 
-    def save(self, directory, tokenizer=None):
-        """Write packed safetensors, config.json (``quantization_config``) and the tokenizer;
-        reload with `abqc.load` or ``AutoModelForCausalLM.from_pretrained`` after ``import abqc``."""
-        from .runtime.save import save
+    def save(self, directory, tokenizer=None, overwrite: bool = False):
+        """Write packed safetensors, config.json (``quantization_config``), the tokenizer and a
+        manifest of every file; reload with `abqc.load` or ``AutoModelForCausalLM.from_pretrained``
+        after ``import abqc``. `directory` must be new or empty unless `overwrite` (then abqc's
+        files there are replaced and other files kept)."""
+        from .runtime.save import check_target, save, _target
+        check_target(_target(directory), overwrite)  # before anything slow
         if self.hf_model is not None:  # (a fake-quant graph is refused by `save` itself)
             self._check_tree_is_whole("save")
-        return save(self, directory, tokenizer)
+        return save(self, directory, tokenizer, overwrite=overwrite)
 
     def generate(self, *args, **kwargs):
         """transformers' ``generate`` (KV cache, sampling, streaming) on the quantized tree."""
@@ -89,6 +110,11 @@ class CompiledModel(nn.Module):
             raise RuntimeError("this CompiledModel has no transformers model tree to generate "
                                "with (backend='fake_quant' keeps only the graph)")
         self._check_tree_is_whole("generate")
+        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        if ids is not None:
+            self.check_input_ids(ids, "input_ids" if not args else "generate's input")
+        elif kwargs.get("inputs_embeds") is None:
+            raise TypeError("generate needs input_ids [batch, seq] (or inputs_embeds)")
         return self.hf_model.generate(*args, **kwargs)
 
     def fake_quant_model(self) -> nn.Module:
@@ -141,11 +167,73 @@ class CompiledModel(nn.Module):
                 tree.to(*args, **kwargs)  # a loaded tree owns its tensors
         return out
 
-    def forward(self, input_ids: torch.Tensor, **kwargs) -> CausalLMOutput:
-        if kwargs.get("attention_mask") is not None and not bool(kwargs["attention_mask"].all()):
-            raise NotImplementedError("padded batches (attention_mask with zeros) are not "
-                                      "supported by the captured graph yet; pass unpadded input_ids")
-        return CausalLMOutput(logits=self.graph_module(input_ids))
+    #: keyword arguments `forward` takes besides input_ids (others are refused, never dropped)
+    FORWARD_KWARGS = ("attention_mask", "labels", "use_cache", "return_dict", "past_key_values")
+
+    def _vocab_size(self) -> int | None:
+        cfg = self.hf_config
+        return getattr(cfg, "vocab_size", None) if cfg is not None else None
+
+    def check_input_ids(self, input_ids, what: str = "input_ids", max_batch: int | None = None):
+        """Refuse input_ids the model cannot take, naming the value: a 2-D integer tensor
+        [batch, seq] of ids in [0, vocab_size), batch and seq at least 1."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor of token ids [batch, seq], got "
+                            f"{type(input_ids).__name__}: {input_ids!r:.80}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"{what} has dtype {input_ids.dtype}; token ids are an integer tensor "
+                            "(torch.long), e.g. tokenizer(text, return_tensors='pt').input_ids")
+        if input_ids.dim() != 2:
+            raise ValueError(f"{what} has shape {tuple(input_ids.shape)}; pass a 2-D tensor "
+                             f"[batch, seq]{' (ids[None] for one sequence)' if input_ids.dim() == 1 else ''}")
+        if 0 in input_ids.shape:
+            raise ValueError(f"{what} has shape {tuple(input_ids.shape)}: it is empty; pass at "
+                             "least one token per sequence")
+        if max_batch is not None and input_ids.shape[0] > max_batch:
+            raise ValueError(f"{what} has batch {input_ids.shape[0]}, more than the {max_batch} "
+                             "the captured graph takes; split it into smaller batches")
+        vocab = self._vocab_size()
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or (vocab is not None and hi >= vocab):
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{what} holds token id {bad}, outside the vocabulary [0, {vocab}) "
+                             "of this model; was it tokenized for another model?")
+
+    def forward(self, input_ids: torch.Tensor | None = None, **kwargs) -> CausalLMOutput:
+        """Logits of the quantized graph (and, with ``labels``, the causal-LM loss as
+        transformers computes it: next-token cross entropy, ``-100`` ignored)."""
+        from .capture import MAX_BATCH
+
+        if kwargs.get("inputs_embeds") is not None:
+            raise NotImplementedError(
+                "inputs_embeds is not supported by the compiled graph, which takes input_ids; "
+                "run cm.hf_model(inputs_embeds=...) (the same quantized linears) instead")
+        unknown = sorted(k for k, v in kwargs.items() if k not in self.FORWARD_KWARGS
+                         and not (k == "inputs_embeds" and v is None))
+        if unknown:
+            raise TypeError(f"CompiledModel.forward got unexpected argument(s) {unknown}; it takes "
+                            f"input_ids and {list(self.FORWARD_KWARGS)} (use cm.hf_model for the "
+                            "full transformers signature)")
+        if input_ids is None:
+            raise TypeError("CompiledModel.forward needs input_ids [batch, seq]")
+        self.check_input_ids(input_ids, max_batch=MAX_BATCH)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(input_ids.shape):
+                raise ValueError(f"attention_mask has shape {tuple(getattr(mask, 'shape', ()))}, "
+                                 f"input_ids {tuple(input_ids.shape)}: they must match")
+            if not bool(mask.all()):
+                raise NotImplementedError("padded batches (attention_mask with zeros) are not "
+                                          "supported by the captured graph yet; pass unpadded input_ids")
+        if kwargs.get("past_key_values") is not None:
+            raise NotImplementedError("past_key_values: the compiled graph has no KV cache; use "
+                                      "cm.generate (or cm.hf_model) for cached decoding")
+        logits = self.graph_module(input_ids)
+        labels = kwargs.get("labels")
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, input_ids.shape)
+        return CausalLMOutput(loss=loss, logits=logits)
 
     @property
     def annotations(self) -> dict[str, LinearAnnotation | None]:
@@ -172,6 +260,12 @@ class CompiledModel(nn.Module):
         return (f"CompiledModel: {q}/{len(anns)} linears quantized "
                 f"(wbits={self.config.wbits}, abits={self.config.abits}, "
                 f"method={self.config.method})")
+
+    def report(self):
+        """Bits per weight with scales, MB, seconds per pass (`abqc.report.Report`;
+        ``str()`` of it is the one-line summary ``abqc.compile`` logs)."""
+        from .report import report
+        return report(self)
 
     def extra_repr(self) -> str:
         return self.summary()

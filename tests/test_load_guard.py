@@ -77,6 +77,8 @@ def test_a_directory_saved_before_the_guard_still_loads(saved, ids, tmp_path):
     shutil.copytree(out, old)
     cfg = json.loads((old / "config.json").read_text())
     (old / "config.json").write_text(json.dumps(unguard_config(cfg)))
+    from abqc.runtime.manifest import write_manifest
+    write_manifest(old)  # (such a directory was saved whole: its manifest covers this config)
     torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(old)(ids).logits,
                                cm(ids).logits, rtol=0, atol=0)
 

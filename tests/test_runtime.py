@@ -46,7 +46,9 @@ def test_save_load_round_trip_and_from_pretrained(tiny_models, ids, tmp_path):
     down = qc["layers"]["model.layers.0.mlp.down_proj"]
     assert (down["wbits"], down["abits"], down["group_size"]) == (6, 16, 64)
     assert qc["ignore"] == ["lm_head"] and len(qc["config_groups"]) == 2
-    assert "model.safetensors" in qc["checksums"]
+    assert qc["manifest"] == "abqc_manifest.json" and "checksums" not in qc
+    manifest = json.loads((out / "abqc_manifest.json").read_text())["files"]
+    assert {"model.safetensors", "config.json"} <= set(manifest)
     loaded = abqc.load(out)
     torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=0)
     assert loaded.annotations["model.layers.1.mlp.down_proj"].weight.bits == 6
@@ -54,7 +56,9 @@ def test_save_load_round_trip_and_from_pretrained(tiny_models, ids, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(hf.model.layers[0].self_attn.q_proj, QuantLinear)
     torch.testing.assert_close(hf(ids).logits, want, rtol=0, atol=0)
-    cm.save(out)  # overwriting an existing save works and leaves one directory
+    with pytest.raises(FileExistsError, match="not empty.*overwrite=True"):
+        cm.save(out)
+    cm.save(out, overwrite=True)  # overwriting an existing save works and leaves one directory
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
 
@@ -64,12 +68,12 @@ def test_truncated_or_tampered_weights_are_refused(tiny_models, tmp_path):
     st = out / "model.safetensors"
     data = st.read_bytes()
     st.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CorruptCheckpointError, match="model.safetensors does not match its checksum"):
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors has .* bytes, the manifest says"):
         abqc.load(out)
     with pytest.raises(CorruptCheckpointError, match="truncated or was modified"):
         AutoModelForCausalLM.from_pretrained(out)
     st.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    with pytest.raises(CorruptCheckpointError):
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors does not match its checksum"):
         abqc.load(out)
     with pytest.raises(abqc.ConfigError, match="not a saved abqc model"):
         abqc.load(tmp_path)

@@ -2,14 +2,14 @@
 the graph is captured from it only when asked for."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from ..compiled import CompiledModel
 from ..config import CompileConfig
 from ..errors import ConfigError
-from .hf_quantizer import QUANT_METHOD, register, verify_checksums
+from .hf_quantizer import QUANT_METHOD, register, verify_saved
+from .manifest import read_json
 
 
 def load(directory: str | os.PathLike, max_seq_len: int | None = None):
@@ -19,19 +19,21 @@ def load(directory: str | os.PathLike, max_seq_len: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ConfigError(f"directory={directory!r} is not a path to a saved abqc model")
     directory = Path(directory)
+    if not directory.is_dir():
+        raise ConfigError(f"{directory} is not a directory: not a saved abqc model")
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
         raise ConfigError(f"{directory} has no config.json: not a saved abqc model")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg_path} is not valid JSON ({e}): the file is damaged") from None
-    qc = cfg.get("quantization_config") or {}
-    if qc.get("quant_method") != QUANT_METHOD:
+    cfg = read_json(cfg_path, "config.json")
+    qc = (cfg.get("quantization_config") if isinstance(cfg, dict) else None) or {}
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise ConfigError(f"{directory} is not an abqc model (quant_method="
-                          f"{qc.get('quant_method')!r}, expected {QUANT_METHOD!r})")
-    verify_checksums(directory, qc.get("checksums", {}))
+                          f"{qc.get('quant_method') if isinstance(qc, dict) else qc!r}, "
+                          f"expected {QUANT_METHOD!r})")
+    verify_saved(directory, qc)
     register()
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     compile_cfg = {k: v for k, v in qc.get("compile_config", {}).items()
