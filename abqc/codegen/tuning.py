@@ -8,6 +8,7 @@ under ``<cache>/kernels/`` so a second run compiles nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -141,22 +142,81 @@ def _kernel_path(key: str, formulation: str, params: dict) -> Path:
     return cache_dir("kernels") / f"{digest}.so"
 
 
-def load_or_build(shape: KernelShape, m: int, formulation: str, params: dict, target=None) -> Kernel:
-    """The compiled kernel from the on-disk cache, or built now and cached."""
-    key = tuning_key(shape, m, target)
-    path = _kernel_path(key, formulation, params)
-    if path.exists():
-        return Kernel(tvm.runtime.load_module(str(path)), formulation, shape, params, key)
-    ex = build(formulation, shape, params, target, functions=("main",))
+#: the most bytes a cached kernel may have (a digest is computed over all of it)
+MAX_KERNEL_BYTES = 256 << 20
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            size += len(block)
+            if size > MAX_KERNEL_BYTES:
+                raise ValueError(f"larger than {MAX_KERNEL_BYTES} bytes")
+            h.update(block)
+    return size, h.hexdigest()
+
+
+def cached_kernel_ok(path: Path) -> str | None:
+    """Why the cached shared object at `path` must not be loaded (None: it is the one abqc
+    wrote). The digest beside it (``<name>.so.sha256``: size and sha256) is checked before
+    anything is dlopen'ed, so a truncated, swapped or garbage file is never loaded."""
+    import stat as _stat
+
+    dpath = _digest_path(path)
+    try:
+        st = os.lstat(path)
+        if not _stat.S_ISREG(st.st_mode):
+            return "it is not a regular file"
+        want = dpath.read_text(encoding="utf-8").split() if dpath.is_file() and \
+            dpath.stat().st_size < 256 else None
+        if not want or len(want) != 2 or not want[0].isdigit():
+            return f"its digest file {dpath.name} is missing or damaged"
+        if int(want[0]) != st.st_size:
+            return f"it has {st.st_size} bytes, its digest says {want[0]} (truncated?)"
+        size, digest = _file_digest(path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"it cannot be read ({e})"
+    if digest != want[1]:
+        return "its sha256 does not match its digest (modified or swapped)"
+    return None
+
+
+def _write_cached(ex, path: Path) -> None:
+    """Export `ex` beside `path`, write its digest, then rename both into place."""
     fd, tmp = tempfile.mkstemp(prefix=".kernel.", suffix=".so", dir=path.parent)
     os.close(fd)
     try:
         ex.export_library(tmp)
+        size, digest = _file_digest(Path(tmp))
+        write_text(_digest_path(path), f"{size} {digest}\n")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def load_or_build(shape: KernelShape, m: int, formulation: str, params: dict, target=None) -> Kernel:
+    """The compiled kernel from the on-disk cache (only if it matches the digest written
+    beside it), or built now and cached."""
+    key = tuning_key(shape, m, target)
+    path = _kernel_path(key, formulation, params)
+    if os.path.lexists(path):
+        why = cached_kernel_ok(path)
+        if why is None:
+            return Kernel(tvm.runtime.load_module(str(path)), formulation, shape, params, key)
+        log.warning("cached kernel %s is not loaded: %s; rebuilding it", path, why)
+        for p in (path, _digest_path(path)):
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+    ex = build(formulation, shape, params, target, functions=("main",))
+    _write_cached(ex, path)
     return Kernel(ex, formulation, shape, params, key)
 
 
