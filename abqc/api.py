@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Sequence
 
 import torch
@@ -10,11 +11,41 @@ from torch import nn
 from .capture import capture, check_model
 from .compiled import CompiledModel
 from .config import CompileConfig
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedModelError, warn_or_raise
 from .facts import Source
 from .passes import DumpIR, PassContext, PassTimings, PrintIR, pipeline, pipeline_name
 
 log = logging.getLogger("abqc")
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model with NaN or infinite weights (they would be rounded into a grid of
+    NaNs, or clip every other weight of their row to zero), naming the tensors and counts."""
+    bad = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not p.is_meta:
+                n = int((~torch.isfinite(p)).sum())
+                if n:
+                    bad.append(f"{name} ({n} of {p.numel()})")
+    if bad:
+        raise UnsupportedModelError(
+            f"the model has non-finite weights (NaN or inf): {', '.join(bad[:5])}"
+            + (f" and {len(bad) - 5} more tensors" if len(bad) > 5 else "")
+            + "; quantizing them would give NaN or zeroed rows. Fix or reload the checkpoint")
+
+
+def check_patterns(model: nn.Module, config: CompileConfig) -> None:
+    """An `exclude` or `overrides` regex that matches no linear of the model does nothing:
+    a warning naming it (an error with ``strict=True``)."""
+    paths = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) or type(m).__name__ == "QuantLinear"]
+    for kind, pats in (("exclude", list(config.exclude)), ("overrides", list(config.overrides))):
+        for pat in pats:
+            if not any(re.search(pat, p) for p in paths):
+                warn_or_raise(f"{kind} pattern {pat!r} matches no linear of the model, so it has "
+                              f"no effect (linears are named like {paths[:2]}; patterns are "
+                              "searched with re.search)", config.strict, stacklevel=4)
 
 
 def compile(model: nn.Module, wbits: int = 4, abits: int = 16, *,
@@ -33,6 +64,8 @@ def compile(model: nn.Module, wbits: int = 4, abits: int = 16, *,
         raise ConfigError(f"model must be a torch nn.Module (a transformers causal LM), "
                           f"got {type(model).__name__}")
     check_model(model)
+    check_finite_weights(model)
+    check_patterns(model, config)
     if calib is not None and not isinstance(calib, (list, tuple, torch.Tensor)):
         raise ConfigError(f"calib must be a list of texts or a LongTensor of token ids, "
                           f"got {type(calib).__name__}")
@@ -55,4 +88,6 @@ def compile(model: nn.Module, wbits: int = 4, abits: int = 16, *,
         gm = passes(gm)
     cm = CompiledModel(gm, config, pass_timings=timings.records)
     cm.tokenizer = tokenizer
+    if log.isEnabledFor(logging.INFO):
+        log.info("compiled %s", cm.report())  # the one-line summary (abqc.report)
     return cm

@@ -57,6 +57,13 @@ def check_model(model: nn.Module) -> str:
     if not any(isinstance(m, nn.Linear) or type(m).__name__ == "QuantLinear"
                for m in model.modules()):
         raise UnsupportedModelError(f"{type(model).__name__} has no nn.Linear layers to quantize")
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if meta:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has {len(meta)} tensors on the meta device (e.g. {meta[0]!r}): "
+            "its weights were never loaded (init_empty_weights, device='meta' or a device_map "
+            "that offloads); load the model with its weights, e.g. "
+            "AutoModelForCausalLM.from_pretrained(path), before compiling")
     return model_type
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -100,7 +101,7 @@ OVERRIDE_KEYS = ("wbits", "abits", "group_size", "symmetric", "act_symmetric", "
 
 
 def _check_bits(name: str, value: Any, allowed: tuple[int, ...]) -> None:
-    if isinstance(value, bool) or value not in allowed:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
         raise ConfigError(f"{name}={value!r} is not allowed; use one of {list(allowed)}"
                           + (" (16 = float activations)" if FLOAT_BITS in allowed else ""))
 
@@ -108,7 +109,7 @@ def _check_bits(name: str, value: Any, allowed: tuple[int, ...]) -> None:
 def _check_wbits(name: str, value: Any) -> None:
     if value == BIT_BALANCE:
         return
-    if isinstance(value, bool) or value not in WEIGHT_BITS:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in WEIGHT_BITS:
         raise ConfigError(f"{name}={value!r} is not allowed; use one of {list(WEIGHT_BITS)} "
                           f"or {BIT_BALANCE!r} (bit balance: 5 symmetric levels stored as 3 bits)")
 
@@ -172,8 +173,37 @@ class CompileConfig:
     # reporting
     dump_ir: str | None = None
     print_ir: bool = False
+    # strict=True: what would only be a warning (a quantized linear left in float, an
+    # override or exclude pattern that matches no module) is an error instead
+    strict: bool = False
 
     def __post_init__(self):
+        for name in ("symmetric", "act_symmetric", "smooth", "print_ir", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed; use True or False")
+        if self.tune is not None and not isinstance(self.tune, bool):
+            raise ConfigError(f"tune={self.tune!r} is not allowed; use True, False or None "
+                              "(None: tune only with ABQC_TUNE=1)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed={self.seed!r} is not allowed; use an integer")
+        if self.max_seq_len is not None and (isinstance(self.max_seq_len, bool) or not isinstance(
+                self.max_seq_len, int) or self.max_seq_len < 1):
+            raise ConfigError(f"max_seq_len={self.max_seq_len!r} is not allowed; use None (the "
+                              "model's max_position_embeddings) or a positive integer")
+        if self.dump_ir is not None and not isinstance(self.dump_ir, (str, os.PathLike)):
+            raise ConfigError(f"dump_ir={self.dump_ir!r} is not allowed; use None or a directory path")
+        if not isinstance(self.calib_corpus, str) or not self.calib_corpus:
+            raise ConfigError(f"calib_corpus={self.calib_corpus!r} is not allowed; use a corpus "
+                              "name such as 'pydoc' or 'wikitext2', or a text file path")
+        if not isinstance(self.overrides, Mapping):
+            raise ConfigError(f"overrides={self.overrides!r} is not allowed; use a dict of "
+                              "module regex -> settings, e.g. {'down_proj': {'wbits': 8}}")
+        if not isinstance(self.exclude, (str, list, tuple)):
+            raise ConfigError(f"exclude={self.exclude!r} is not allowed; use a list of module regexes")
+        for pat in ([self.exclude] if isinstance(self.exclude, str) else list(self.exclude)) + list(self.overrides):
+            if not isinstance(pat, str):
+                raise ConfigError(f"module pattern {pat!r} is not allowed; use a regex string "
+                                  "such as 'down_proj' or r'layers\\.0\\.'")
         _check_wbits("wbits", self.wbits)
         _check_bits("abits", self.abits, ACT_BITS)
         _check_bits("kv_bits", self.kv_bits, ACT_BITS)

@@ -28,9 +28,18 @@ def wikitext2_path() -> Path:
     return path
 
 
+def read_utf8(path: str | os.PathLike) -> str:
+    """A text file's contents; a file that is not UTF-8 is a `ConfigError` naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"text file {str(path)!r} is not UTF-8 ({e.reason} at byte {e.start}); "
+                          "calibration and evaluation read UTF-8 text") from None
+
+
 def wikitext_text(path: str | os.PathLike) -> str:
     """The WikiText protocol: its lines joined with blank lines between them."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = read_utf8(path).splitlines()
     return "\n\n".join(lines)
 
 
@@ -52,7 +61,7 @@ def load_text(source: str) -> str:
         raise ConfigError(f"text source {source!r} is not a file; use one of {list(SOURCES)}")
     if path.name.startswith("wiki.") and path.suffix == ".raw":
         return wikitext_text(path)
-    return path.read_text(encoding="utf-8")
+    return read_utf8(path)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -5,6 +5,11 @@ per linear call (what dominates a decode step): per row it finds the min/max gri
 `abqc.quantizer.compute_qparams`, rounds half-to-even as ``torch.round`` does, writes the
 grid's values ``s (q - z)`` zero-padded to the kernel's K and M, and the per-group row sums
 that the weight-only epilogue needs. With ``abits = 16`` it only pads and sums.
+
+A row holding a NaN or an infinity gets a NaN scale (and, for the integer kernels, zero
+codes), so every output of that row is NaN, as in the fake-quant reference (whose grid of
+such a row is NaN or infinite) and the float model: a non-finite activation never turns into
+finite numbers. The check is one more pass over the row, inside the same kernel.
 """
 from __future__ import annotations
 
@@ -17,8 +22,25 @@ from ..config import sym_zero
 from .build import host_target
 
 
+def _nonfinite(x, m, k: int):
+    """Per row: how many of its values are NaN or infinite (int32 [m])."""
+    r = te.reduce_axis((0, k), "rnf")
+    return te.compute((m,), lambda a: te.sum(tirx.Select(
+        tirx.isfinite(x[a, r]), tirx.const(0, "int32"), tirx.const(1, "int32")), axis=r),
+        name="nonfinite")
+
+
 def _grid(x, m, k: int, abits: int, symmetric: bool):
-    """Per-row (scale, zero) as te tensors [m]: `compute_qparams`' min/max grid, op for op."""
+    """Per-row (scale, zero, non-finite count) as te tensors [m]: `compute_qparams`' min/max
+    grid, op for op; the scale of a row with a non-finite value is NaN."""
+    scale, zero = _finite_grid(x, m, k, abits, symmetric)
+    bad = _nonfinite(x, m, k)
+    nan = tirx.const(float("nan"), "float32")
+    scale = te.compute((m,), lambda a: tirx.Select(bad[a] > 0, nan, scale[a]), name="scale_nf")
+    return scale, zero, bad
+
+
+def _finite_grid(x, m, k: int, abits: int, symmetric: bool):
     f32 = "float32"
     qmax = (1 << abits) - 1
     r = te.reduce_axis((0, k), "r")
@@ -67,7 +89,7 @@ def actquant_func(k: int, kp: int, groups: int, abits: int, symmetric: bool, m_t
             name="xq")
     else:
         qmax = (1 << abits) - 1
-        scale, zero = _grid(x, m, k, abits, symmetric)
+        scale, zero, _ = _grid(x, m, k, abits, symmetric)
 
         def value(a, b):
             return (_code(x, scale, zero, qmax, a, b) - zero[a]) * scale[a]
@@ -98,9 +120,9 @@ def actcodes_func(k: int, kp: int, abits: int, symmetric: bool):
     m = te.var("m")
     x = te.placeholder((m, k), "float32", name="x")
     qmax = (1 << abits) - 1
-    scale, zero = _grid(x, m, k, abits, symmetric)
+    scale, zero, bad = _grid(x, m, k, abits, symmetric)
     xc = te.compute((m, kp), lambda a, b: tirx.if_then_else(
-        b < k, _code(x, scale, zero, qmax, a, tirx.min(b, k - 1)).astype("uint8"),
+        tirx.all(b < k, bad[a] == 0), _code(x, scale, zero, qmax, a, tirx.min(b, k - 1)).astype("uint8"),
         tirx.const(0, "uint8")), name="xc")
     r = te.reduce_axis((0, kp), "r")
     sumx = te.compute((m, 1), lambda a, _: te.sum(xc[a, r].astype("int32"), axis=r), name="sumx")

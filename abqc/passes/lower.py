@@ -96,6 +96,24 @@ def _drop_chain(gm: GraphModule, nodes) -> None:
         todo.extend(inputs)
 
 
+def _report_fallbacks(gm: GraphModule, floats: dict[str, str]) -> None:
+    """Quantized linears that no kernel takes (they run fake-quantized in the graph, and
+    generate/save refuse them): a warning naming each and why; an error with strict=True."""
+    from ..errors import warn_or_raise
+    from .base import PassContext
+
+    quantized = {n.meta.get(PATH_KEY): n.meta.get(ANNOT_KEY) for n in gm.graph.nodes
+                 if n.meta.get(PATH_KEY) in floats}
+    missed = {p: r for p, r in floats.items() if quantized.get(p) is not None}
+    if missed:
+        cfg = PassContext.current().config
+        warn_or_raise(f"LowerToKernels: {len(missed)} quantized linear(s) no kernel takes, left "
+                      "fake-quantized in the graph (generate and save refuse them): "
+                      + "; ".join(f"{p}: {r}" for p, r in list(missed.items())[:8])
+                      + (f"; and {len(missed) - 8} more" if len(missed) > 8 else ""),
+                      bool(getattr(cfg, "strict", False)), stacklevel=4)
+
+
 class LowerToKernels(Pass):
     """Replace fake-quantized linears by ``abqc::qlinear`` on packed weights."""
 
@@ -126,6 +144,7 @@ class LowerToKernels(Pass):
         gm.recompile()
         facts(gm).add(Lowered(floats))
         log.info("LowerToKernels: %d linears on kernels, %d in float", lowered, len(floats))
+        _report_fallbacks(gm, floats)
         return gm
 
     def _lower(self, gm: GraphModule, lin: Node, ann, path: str) -> None:
