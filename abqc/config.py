@@ -145,7 +145,10 @@ class CompileConfig:
     act_symmetric: bool = False
     method: str = "rtn"
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    exclude: tuple[str, ...] = ("lm_head",)
+    exclude: tuple[str, ...] = ()
+    # the output projection (lm_head, tied or not): per-channel weights of this width on the
+    # kernels, activations at max(abits, 8) (16: float, as a float `exclude` would keep it)
+    lm_head_bits: int = 8
     # calibration data (used by data-driven methods; RTN ignores it)
     nsamples: int = 128
     seqlen: int = 512
@@ -207,6 +210,7 @@ class CompileConfig:
         _check_wbits("wbits", self.wbits)
         _check_bits("abits", self.abits, ACT_BITS)
         _check_bits("kv_bits", self.kv_bits, ACT_BITS)
+        _check_bits("lm_head_bits", self.lm_head_bits, WEIGHT_BITS + (FLOAT_BITS,))
         if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
                 or not 0 <= self.smooth_alpha <= 1:
             raise ConfigError(f"smooth_alpha={self.smooth_alpha!r} is not allowed; use a number in [0, 1]")
@@ -290,13 +294,22 @@ class CompileConfig:
         """Every calibration method this config uses (global and in overrides)."""
         return {self.method} | {ov["method"] for ov in self.overrides.values() if "method" in ov}
 
-    def annotation_for(self, path: str) -> LinearAnnotation | None:
-        """The quantization of the linear at module `path`, or None to leave it in float."""
+    def annotation_for(self, path: str, output: bool = False) -> LinearAnnotation | None:
+        """The quantization of the linear at module `path`, or None to leave it in float.
+
+        ``output``: `path` is the model's output projection, which gets `lm_head_bits`
+        per-channel weights (RTN; it is outside the decoder blocks that calibration solves)
+        and activations at max(abits, 8) unless an override names it."""
         if any(re.search(p, path) for p in self.exclude):
             return None
         s = dict(wbits=self.wbits, abits=self.abits, group_size=self.group_size,
                  symmetric=self.symmetric, act_symmetric=self.act_symmetric,
                  method=self.method, skip=False)
+        if output:
+            if self.lm_head_bits == FLOAT_BITS:
+                s["skip"] = True
+            s.update(wbits=self.lm_head_bits, group_size=0, symmetric=False, method="rtn",
+                     abits=FLOAT_BITS if self.abits == FLOAT_BITS else max(self.abits, 8))
         for pat, ov in self.overrides.items():
             if re.search(pat, path):
                 s.update(ov)

@@ -57,6 +57,7 @@ class Annotated(Fact):
 
     quantized: int = 0
     total: int = 0
+    output_path: str | None = None  # the output projection (lm_head), annotated on its own
 
     def describe(self) -> str:
         return f"Annotated({self.quantized}/{self.total} linears quantized)"

@@ -91,12 +91,12 @@ def test_bad_wbits_is_refused_naming_the_value(bad):
 
 def test_bit_balance_compiles_with_codes_up_to_four(tiny_models, ids):
     m = tiny_models["llama"]
-    cm = abqc.compile(m, wbits="2*", abits=16, backend="fake_quant")
+    cm = abqc.compile(m, wbits="2*", abits=16, backend="fake_quant", lm_head_bits=16)
     codes = [get_tensor(cm.graph_module, n.target) for n in cm.graph_module.graph.nodes
              if n.op == "get_attr" and n.target.endswith("weight_codes")]
     assert codes and max(int(c.max()) for c in codes) == 4
     assert all(a.weight.bits == 3 for a in cm.annotations.values() if a)  # packs as 3 bits
-    low = abqc.compile(m, wbits="2*", abits=16)  # on the 3-bit kernels
+    low = abqc.compile(m, wbits="2*", abits=16, lm_head_bits=16)  # on the 3-bit kernels
     specs = [n.args[-1] for n in low.graph_module.graph.nodes if str(n.target) == "abqc.qlinear.default"]
     assert specs and all(",w=3," in sp for sp in specs)
     torch.testing.assert_close(low(ids).logits, cm(ids).logits, rtol=1e-4, atol=1e-5)
@@ -146,7 +146,7 @@ def test_abq_beats_rtn_block_loss_and_is_folded_into_the_graph(tiny_models, monk
         real(model, windows, step2, batch_size, fp_chain, desc)
 
     monkeypatch.setattr(abq_pass, "run_blocks", spy)
-    cm = abqc.compile(m, wbits=4, abits=4, calib=calib, method="abq",
+    cm = abqc.compile(m, wbits=4, abits=4, calib=calib, method="abq", lm_head_bits=16,
                       abq_options={"epochs": 4, "batch_size": 1, "comp_first": 1, "comp_last": 1})
     stats = facts(cm.graph_module).get(CalibrationStats).blocks
     assert sorted(stats) == [0, 1]

@@ -66,8 +66,10 @@ def test_compiled_model_output_and_shapes(tiny_models):
         assert cm(ids).logits.shape == (*shape, m.config.vocab_size)
     assert cm.config == CompileConfig(wbits=6, abits=6)
     anns = cm.annotations
-    assert anns["lm_head"] is None
-    assert sum(a is not None for a in anns.values()) == len(anns) - 1
+    head = anns["lm_head"]  # the output projection: 8-bit per-channel weights, A8 (not A6)
+    assert (head.weight.bits, head.weight.group_size, head.act.bits, head.method) == (8, 0, 8, "rtn")
+    assert all(a is not None for a in anns.values())
+    assert abqc.compile(m, wbits=6, abits=6, lm_head_bits=16).annotations["lm_head"] is None
     assert [name for _, name, _ in cm.pass_timings][0] == "AnnotateQuant"
 
 
@@ -76,7 +78,7 @@ def test_weight_only_and_overrides(tiny_models, ids):
     cm = abqc.compile(m, wbits=2, abits=16, group_size=64, overrides={r"down_proj": {"wbits": 8}})
     anns = cm.annotations
     down = [a for p, a in anns.items() if p.endswith("down_proj")]
-    other = [a for p, a in anns.items() if a and not p.endswith("down_proj")]
+    other = [a for p, a in anns.items() if a and not p.endswith(("down_proj", "lm_head"))]
     assert down and all(a.weight.bits == 8 and a.act is None for a in down)
     assert other and all(a.weight.bits == 2 and a.weight.group_size == 64 for a in other)
     # raising down_proj to 8 bits helps
@@ -92,7 +94,8 @@ def test_original_model_is_unchanged(tiny_models, ids):
 
 
 def test_print_ir_shows_paths_and_annotations(tiny_models):
-    cm = abqc.compile(tiny_models["opt"], wbits=4, abits=8, group_size=32, backend="fake_quant")
+    cm = abqc.compile(tiny_models["opt"], wbits=4, abits=8, group_size=32, backend="fake_quant",
+                      exclude=("lm_head",))
     buf = io.StringIO()
     cm.print_ir(file=buf)
     text = buf.getvalue()

@@ -64,7 +64,9 @@ def test_groups_and_unaligned_groups(tiny_models, ids):
     cm = abqc.compile(m, wbits=4, abits=16, group_size=64)
     ref = abqc.compile(m, wbits=4, abits=16, group_size=64, backend="fake_quant")
     torch.testing.assert_close(cm(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-5)
-    assert all("g=64" in n.args[-1] for n in cm.graph_module.graph.nodes if is_qlinear(n))
+    specs = {n.meta["abqc.path"]: n.args[-1] for n in cm.graph_module.graph.nodes if is_qlinear(n)}
+    assert ",g=0," in specs.pop("lm_head")  # the output projection: per channel, lm_head_bits
+    assert specs and all(",g=64," in sp for sp in specs.values())
     # a group size the kernels cannot take is refused before anything runs, naming the value
     with pytest.raises(abqc.ConfigError, match="group_size=32 does not fit the integer kernels"):
         abqc.compile(m, wbits=4, abits=8, group_size=32)
@@ -78,13 +80,43 @@ def test_bad_backend_is_refused():
         CompileConfig(backend="tvm")
 
 
-def test_tied_lm_head_stays_off_the_kernels_with_its_reason(ids):
-    """lm_head tied to the embedding: its module also holds the embedding's float weight, so
-    the packed module cannot replace it; it stays a fake-quant linear and the IR says why."""
+def test_tied_lm_head_runs_on_an_8_bit_kernel_beside_the_float_embedding(ids, tmp_path):
+    """lm_head tied to the embedding (SmolLM2's case): the embedding lookup keeps the float
+    tensor under its own name, lm_head becomes a W8A8 QuantLinear, and graph, tree, saved and
+    from_pretrained agree; the saved config no longer ties the two."""
+    from transformers import AutoModelForCausalLM
+
+    from abqc.runtime.qlinear import QuantLinear
     from frontends.tiny import tiny_model
 
     m = tiny_model("llama", tie_word_embeddings=True)
-    cm = abqc.compile(m, wbits=4, abits=8, exclude=())
-    assert "tied weights" in facts(cm.graph_module).get(Lowered).float_linears["lm_head"]
-    ref = abqc.compile(m, wbits=4, abits=8, exclude=(), backend="fake_quant")
-    torch.testing.assert_close(cm(ids).logits, ref(ids).logits, rtol=1e-3, atol=1e-3)
+    cm = abqc.compile(m, wbits=4, abits=8)
+    assert facts(cm.graph_module).get(Lowered).float_linears == {}
+    assert isinstance(cm.hf_model.lm_head, QuantLinear) and ",w=8,a=8," in cm.hf_model.lm_head.spec
+    assert torch.equal(cm.hf_model.model.embed_tokens.weight, m.model.embed_tokens.weight)
+    assert m.config.tie_word_embeddings and not cm.hf_model.config.tie_word_embeddings
+    with torch.no_grad():
+        logits = cm(ids).logits
+        assert torch.equal(logits, cm.hf_model(ids).logits)
+        cm.save(tmp_path / "t")
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "t")(ids).logits, logits)
+        # the 8-bit head costs little next to the float one
+        ref, flt = m(ids).logits, abqc.compile(m, wbits=4, abits=8, lm_head_bits=16)(ids).logits
+        err = lambda y: float((y - ref).norm() / ref.norm())  # noqa: E731
+        assert err(logits) < 1.1 * err(flt), (err(logits), err(flt))
+
+
+def test_smoothing_skips_a_consumer_whose_weight_is_tied(ids):
+    """The final norm feeds the tied lm_head: scaling lm_head's columns would scale the
+    embedding too, so no pair is formed there."""
+    from abqc.passes.smooth_pairs import find_smooth_pairs
+    from frontends.tiny import tiny_model
+
+    from abqc.capture import capture
+    from abqc.passes.smooth_pairs import _tensor_readers
+    gm = capture(tiny_model("llama", tie_word_embeddings=True))
+    head = next(n for n in gm.graph.nodes if n.meta.get("abqc.path") == "lm_head")
+    readers = _tensor_readers(gm)[id(gm.get_parameter(head.args[1].target))]
+    assert head in readers and any("embedding" in str(r.target) for r in readers)  # tied
+    assert not any("lm_head" in c for p in find_smooth_pairs(gm) for c in p.consumers)
+    assert find_smooth_pairs(gm)  # the other pairs are still found

@@ -20,7 +20,7 @@ def calib():
 
 @pytest.fixture(scope="module")
 def annotated(tiny_models):
-    cfg = CompileConfig()
+    cfg = CompileConfig(lm_head_bits=16)
     with PassContext(config=cfg):
         return AnnotateQuant(cfg)(capture(tiny_models["llama"]))
 
@@ -69,7 +69,7 @@ def test_bit_assignment_respects_budget_and_shared_input_groups(tiny_models, cal
                 AnnotateQuant(cfg)(capture(m)))
         rep = facts(gm).get(BitWidths).report
         anns = {n.meta["abqc.path"]: n.meta[ANNOT_KEY] for n in gm.graph.nodes
-                if n.meta.get(ANNOT_KEY) is not None}
+                if n.meta.get(ANNOT_KEY) is not None and n.meta["abqc.path"] != "lm_head"}
         sizes = {p: m.get_submodule(p).weight.numel() for p in anns}
         avg = sum(sizes[p] * width_cost(rep["widths"][p]) for p in anns) / sum(sizes.values())
         assert avg <= budget + 1e-9 and avg == pytest.approx(rep["average_bits"])
@@ -156,6 +156,7 @@ def test_bit_budget_option_compiles_mixed_precision(tiny_models, calib):
     with pytest.raises(abqc.ConfigError, match="bit_sensitivity='hessian'"):
         abqc.compile(tiny_models["llama"], bit_budget=3.0, bit_sensitivity="hessian", calib=calib)
     cm = abqc.compile(tiny_models["llama"], wbits=4, bit_budget=3.0, bit_widths=(2, 3, 4), calib=calib)
-    bits = {a.weight.bits for a in cm.annotations.values() if a}
+    bits = {a.weight.bits for p, a in cm.annotations.items() if a and p != "lm_head"}
     assert len(bits) > 1 and bits <= {2, 3, 4}
+    assert cm.annotations["lm_head"].weight.bits == 8  # lm_head_bits, outside the budget
     assert "W2b" in cm.ir() or "W3b" in cm.ir()

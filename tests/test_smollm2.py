@@ -34,7 +34,7 @@ def test_capture_is_exact_and_compile_w8a8_is_close(smollm2):
     with torch.no_grad():
         ref = m(input_ids=ids, use_cache=False).logits
         assert torch.allclose(gm(ids), ref, atol=1e-4, rtol=0)
-    cm = abqc.compile(m, wbits=8, abits=8)
+    cm = abqc.compile(m, wbits=8, abits=8, lm_head_bits=16)
     anns = cm.annotations
     assert sum(a is not None for a in anns.values()) == 210 and anns["lm_head"] is None
     fp = abqc.eval.perplexity_of_windows(m, ids, progress=False)["ppl"]

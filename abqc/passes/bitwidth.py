@@ -179,8 +179,10 @@ class BitWidthAssignment(Pass):
     def transform(self, gm: GraphModule) -> GraphModule:
         from .calibrate import calibration_windows
 
+        out = facts(gm).get(Annotated).output_path  # lm_head keeps lm_head_bits
         lins: dict[str, Node] = {module_path(n): n for n in gm.graph.nodes
-                                 if is_linear(n) and n.meta.get(ANNOT_KEY) is not None}
+                                 if is_linear(n) and n.meta.get(ANNOT_KEY) is not None
+                                 and module_path(n) != out}
         if not lins:
             raise ConfigError("BitWidthAssignment needs annotated linears: run AnnotateQuant first")
         windows = calibration_windows(PassContext.current())

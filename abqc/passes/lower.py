@@ -96,6 +96,15 @@ def _drop_chain(gm: GraphModule, nodes) -> None:
         todo.extend(inputs)
 
 
+def _alias_outside(gm: GraphModule, target: str, prefix: str) -> str | None:
+    """Another name of the tensor at `target` in `gm`, outside module `prefix` (torch.export
+    registers a tied tensor under each of its names)."""
+    t = get_tensor(gm, target)
+    named = list(gm.named_parameters(remove_duplicate=False)) + \
+        list(gm.named_buffers(remove_duplicate=False))
+    return next((name for name, v in named if v is t and not name.startswith(prefix + ".")), None)
+
+
 def _report_fallbacks(gm: GraphModule, floats: dict[str, str]) -> None:
     """Quantized linears that no kernel takes (they run fake-quantized in the graph, and
     generate/save refuse them): a warning naming each and why; an error with strict=True."""
@@ -168,11 +177,18 @@ class LowerToKernels(Pass):
         # the packed module will replace the container of codes, grid and bias: nothing else
         # may live there (a tied embedding keeps its float weight beside lm_head's codes)
         ours = set(wdrop) | {w, lin}
-        for n in gm.graph.nodes:
+        for n in list(gm.graph.nodes):
             if n.op == "get_attr" and n.target.startswith(prefix + ".") and \
                     any(u not in ours for u in n.users):
-                raise NotLowerable(f"{n.target} in the same module is also read elsewhere (tied "
-                                   "weights, e.g. lm_head and the embedding)")
+                alias = _alias_outside(gm, n.target, prefix)
+                if alias is None:
+                    raise NotLowerable(f"{n.target} in the same module is also read elsewhere "
+                                       "and has no other name to be read by")
+                # tied weights (lm_head and the embedding): the other reader keeps the float
+                # tensor under its other name; the packed module replaces only lm_head
+                log.debug("LowerToKernels: %s is read by %s; reading it as %s", n.target,
+                          [u.name for u in n.users if u not in ours], alias)
+                n.target = alias
         # the qlinear node takes the linear's place; what only the linear read goes; then the
         # packed module replaces the container that held codes, grid and bias
         parent, name = owner_and_name(gm, prefix)

@@ -136,12 +136,22 @@ def _norm_source(x: Node) -> tuple[str, str, str | None] | None:
     return None
 
 
+def _tensor_readers(gm: GraphModule) -> dict[int, set[Node]]:
+    """id(tensor) -> the nodes that read it, through any get_attr alias of it."""
+    out: dict[int, set[Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            out.setdefault(id(get_tensor(gm, n.target)), set()).update(n.users)
+    return out
+
+
 def find_smooth_pairs(gm: GraphModule, paths: set[str] | None = None) -> list[SmoothPair]:
     """Every foldable (source, consumers) pair; consumers restricted to `paths` when given.
 
     A pair is kept only when every user of the shared input is one of its consumers
     (otherwise the rescaled input would leak into other computations).
     """
+    readers = _tensor_readers(gm)
     by_input: dict[Node, list[Node]] = {}
     for n in gm.graph.nodes:
         if is_linear(n) and isinstance(n.args[0], Node) and _weight_target(n):
@@ -154,6 +164,9 @@ def find_smooth_pairs(gm: GraphModule, paths: set[str] | None = None) -> list[Sm
         if set(_users(x)) != set(lins):
             continue
         weights = [_weight_target(n) for n in lins]
+        if any(readers[id(get_tensor(gm, w))] - {lin} for w, lin in zip(weights, lins)):
+            continue  # a weight read elsewhere too (lm_head tied to the embedding): scaling its
+            # columns would change the other reader
         k = int(get_tensor(gm, weights[0]).shape[1])
         norm = _norm_source(x)
         if norm is not None:

@@ -109,10 +109,14 @@ def transformers_tree(gm: GraphModule, lowered: bool = True) -> nn.Module:
             continue
         memo[id(meta_t)] = _as_param(real) if is_param else real
         placed[id(meta_t)] = (name, real)
+    unlowered = {n.meta[PATH_KEY] for n in gm.graph.nodes if lowered and n.meta.get("abqc") is not None
+                 and n.op == "call_function" and n.target is torch.ops.aten.linear.default}
     for name, meta_t in missing:
-        if id(meta_t) not in placed:  # a tied name whose twin is placed is not missing
+        owner = name.rpartition(".")[0]
+        if id(meta_t) not in placed and owner not in unlowered:  # (those are gaps below)
             gaps[name] = "the program has no tensor of this name (removed by a pass)"
     tree = copy.deepcopy(skel, memo)
+    _untie_lowered(tree, qmods)
     if lowered:
         low = facts(gm).get(Lowered)
         why = low.float_linears if low is not None else {}
@@ -128,6 +132,19 @@ def transformers_tree(gm: GraphModule, lowered: bool = True) -> nn.Module:
                                  "(the tree's attention runs in float)")
     tree.__dict__[GAPS_ATTR] = gaps
     return tree.eval()
+
+
+def _untie_lowered(tree: nn.Module, qmods: dict[str, QuantLinear]) -> None:
+    """A lowered lm_head tied to the embedding is tied no longer (packed codes beside the
+    embedding's float weight): say so in the tree's config, so that transformers neither
+    re-ties it nor expects a tied ``lm_head.weight`` when the saved model loads."""
+    tied = getattr(tree, "all_tied_weights_keys", None) or {}
+    if not any(k.rpartition(".")[0] in qmods for k in tied):
+        return
+    for cfg in {id(c): c for c in (tree.config, tree.config.get_text_config())}.values():
+        cfg.tie_word_embeddings = False
+    if hasattr(tree, "get_expanded_tied_weights_keys"):
+        tree.all_tied_weights_keys = tree.get_expanded_tied_weights_keys(all_submodels=False)
 
 
 def tree_gaps(tree: nn.Module) -> dict[str, str]:

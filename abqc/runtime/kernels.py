@@ -43,8 +43,11 @@ _kernels: dict[tuple[str, int], Kernel] = {}
 
 
 def tuning_enabled() -> bool:
-    """Tune unknown keys at compile time unless ``ABQC_TUNE=0``."""
-    return os.environ.get("ABQC_TUNE", "1") not in ("0", "false", "no")
+    """Whether a compile tunes kernel keys the log does not know: only with ``ABQC_TUNE=1``
+    (or ``tune=True``). By default a compile takes schedules from the log, else the defaults
+    (`untuned_formulation`, `_default`), and never spends minutes measuring; ``abqc tune``
+    does the full search."""
+    return os.environ.get("ABQC_TUNE", "0") in ("1", "true", "yes")
 
 
 @functools.lru_cache(maxsize=1)
