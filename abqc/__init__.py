@@ -13,13 +13,15 @@ from .api import compile  # noqa: A001
 from .compiled import CompiledModel
 from .config import CompileConfig, LinearAnnotation, QuantSpec
 from .errors import AbqcError, ConfigError, UnsupportedModelError
+from .log import set_verbosity
 from .runtime import hf_quantizer as _hf_quantizer
 from .runtime.load import load
 
 _hf_quantizer.register()  # saved abqc models load with AutoModelForCausalLM.from_pretrained
 
 __all__ = ["compile", "load", "CompiledModel", "CompileConfig", "LinearAnnotation", "QuantSpec",
-           "AbqcError", "ConfigError", "UnsupportedModelError", "eval", "__version__"]
+           "AbqcError", "ConfigError", "UnsupportedModelError", "eval", "set_verbosity",
+           "__version__"]
 
 
 def __getattr__(name):

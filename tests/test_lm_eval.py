@@ -84,3 +84,30 @@ def test_hflm_runs_a_local_task_on_the_kernels(tiny_models, tmp_path):
     # the scores are the quantized model's, not the float one's
     flat = [_score(r) for s in samples for r in s["resps"]]
     assert max(abs(a - b) for a, b in zip(flat, float_ll)) > 1e-3
+
+
+def test_abqc_lm_eval_runs_a_local_task_on_a_saved_model(tiny_models, tmp_path, capsys):
+    """`abqc lm-eval DIR --tasks ... --include-path ...`: the saved model as loaded (no
+    recompile), scored by lm-eval; the accuracy is the one its own logits give."""
+    from abqc.cli import main
+
+    tok = byte_tokenizer()
+    d = tmp_path / "w4a8"
+    abqc.compile(tiny_models["llama"], wbits=4, abits=8, tokenizer=tok).save(d)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    data = tasks / "docs.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in DOCS))
+    (tasks / "abqc_tiny_mc.yaml").write_text(TASK.format(data=data))
+    js = tmp_path / "lm.json"
+    assert main(["-q", "lm-eval", str(d), "--tasks", "abqc_tiny_mc", "--include-path", str(tasks),
+                 "--max-length", "128", "--json", str(js)]) == 0
+    assert "abqc_tiny_mc" in capsys.readouterr().out
+    res = json.loads(js.read_text())
+    cm = abqc.load(d)
+    want = sum(max(range(len(doc["choices"])), key=lambda i: _loglikelihood(
+        cm.hf_model, tok, doc["question"], " " + doc["choices"][i])) == doc["answer"] for doc in DOCS)
+    assert res["results"]["abqc_tiny_mc"]["acc,none"] == pytest.approx(want / len(DOCS))
+    assert res["config"]["wbits"] == 4 and res["abqc_version"] == abqc.__version__
+    assert main(["-q", "lm-eval", str(d), "--tasks", "no_such_task", "--include-path", str(tasks)]) == 2
+    assert "unknown lm-eval task(s) ['no_such_task']" in capsys.readouterr().err

@@ -66,8 +66,9 @@ def nvcc_path() -> str | None:
 
 
 def _cache_dir() -> Path:
-    root = Path(os.environ.get("ABQC_CACHE") or Path.home() / ".cache" / "abqc")
-    return root / "cuda"
+    from ...cache import cache_root  # $ABQC_CACHE, $XDG_CACHE_HOME/abqc or ~/.cache/abqc
+
+    return cache_root() / "cuda"
 
 
 def compile_cubin(source: str, arch: str, nvcc: str | None = None) -> bytes:
