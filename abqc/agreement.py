@@ -13,13 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .families import FAMILIES
+
 
 def outlier_model(model: nn.Module, channels: int = 4, factor: float = 20.0) -> nn.Module:
     """`model` with the first `channels` of every attention-input norm scaled by `factor`
     (in place): the activation outliers that smoothing exists for."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("input_layernorm.weight", "self_attn_layer_norm.weight")):
+            if name.endswith(tuple(f"{f.input_norm}.weight" for f in FAMILIES.values())):
                 p[:channels] *= factor
     return model
 

@@ -27,8 +27,7 @@ MAX_BATCH = 64
 #: node.meta key holding a linear's module path.
 PATH_KEY = "abqc.path"
 
-#: Architectures tested end to end (config.model_type).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt")
+from .families import SUPPORTED_MODEL_TYPES  # noqa: E402  (re-exported: where a family is declared)
 
 
 class LogitsOnly(nn.Module):
