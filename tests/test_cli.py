@@ -32,15 +32,18 @@ def test_eval_writes_json(tmp_path, capsys):
     data.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
     js = tmp_path / "r.json"
     rc = main(["-q", "eval", "--model", "tiny:opt", "--wbits", "4", "--abits", "8", "--data", str(data),
-               "--seqlen", "128", "--max-windows", "3", "--json", str(js)])
+               "--seqlen", "128", "--max-windows", "3", "--json", str(js), "--reference", "source"])
     assert rc == 0
     res = json.loads(js.read_text())
     assert res["windows"] == 3 and res["wbits"] == 4 and res["abits"] == 8 and res["ppl"] > 1
+    assert res["reference"] == "tiny:opt" and res["kld_mean"] > 0 and res["config"]["abits"] == 8
     assert "perplexity" in capsys.readouterr().out
     rc = main(["-q", "eval", "--model", "tiny:opt", "--data", str(data), "--seqlen", "128",
                "--max-windows", "3", "--json", str(js)])
     fp = json.loads(js.read_text())
-    assert rc == 0 and fp["method"] == "fp32" and fp["ppl"] != res["ppl"]
+    assert rc == 0 and fp["method"] == "fp32" and fp["ppl"] != res["ppl"] and fp["config"] is None
+    assert fp["ppl"] == pytest.approx(res["reference_ppl"], rel=1e-9)  # the source, untouched by compile
+    assert "ppl_stderr" in fp and "kld_mean" not in fp
 
 
 def test_bad_values_exit_2_with_a_message(capsys):
