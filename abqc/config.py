@@ -164,6 +164,8 @@ class CompileConfig:
     # SmoothQuant scales folded in before quantization (always on for method "abq")
     smooth: bool = False
     smooth_alpha: float = 0.5
+    # QuaRot's offline rotation of the residual stream ("hadamard"), before any other pass
+    rotate: str | None = None
     abq_options: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"epochs": 2}
     # attention activations: Q, K (per token and head, after RoPE) and V (per token)
     kv_bits: int = FLOAT_BITS
@@ -211,6 +213,8 @@ class CompileConfig:
         _check_bits("abits", self.abits, ACT_BITS)
         _check_bits("kv_bits", self.kv_bits, ACT_BITS)
         _check_bits("lm_head_bits", self.lm_head_bits, WEIGHT_BITS + (FLOAT_BITS,))
+        if self.rotate not in (None, "hadamard"):
+            raise ConfigError(f"rotate={self.rotate!r} is not allowed; use 'hadamard' or None")
         if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
                 or not 0 <= self.smooth_alpha <= 1:
             raise ConfigError(f"smooth_alpha={self.smooth_alpha!r} is not allowed; use a number in [0, 1]")

@@ -52,6 +52,20 @@ class Source(Fact):
 
 
 @dataclass
+class Rotation(Fact):
+    """The residual stream is rotated by an orthogonal Q folded into the weights (`Rotate`):
+    embeddings E Q, readers W diag(g) Q (norm scales folded, norms set to 1), writers Qᵀ W."""
+
+    kind: str = "hadamard"
+    dim: int = 0
+    seed: int = 0
+    q: Any = None  # the [dim, dim] matrix (float64), for tests and later passes
+
+    def describe(self) -> str:
+        return f"Rotation({self.kind}, dim={self.dim}, seed={self.seed})"
+
+
+@dataclass
 class Annotated(Fact):
     """Every linear carries its `LinearAnnotation` (``node.meta["abqc"]``; None = float)."""
 

@@ -25,13 +25,23 @@ class Family:
     norm: str
     mlp: str
     input_norm: str
+    #: the residual stream's readers and writers in a decoder block, for rotation: each
+    #: (norm, the linears it feeds, the linear that writes back to the residual)
+    residual: tuple = ()
+    final_norm: str = ""
 
+
+_LLAMA_LIKE = dict(norm="rms", mlp="gated", input_norm="input_layernorm", final_norm="model.norm",
+                   residual=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj",
+                                                  "self_attn.v_proj"), "self_attn.o_proj"),
+                             ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"),
+                              "mlp.down_proj")))
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("llama", "rms", "gated", "input_layernorm"),
-    Family("mistral", "rms", "gated", "input_layernorm"),
-    Family("qwen2", "rms", "gated", "input_layernorm"),
-    Family("opt", "layer", "plain", "self_attn_layer_norm"),
+    Family("llama", **_LLAMA_LIKE),
+    Family("mistral", **_LLAMA_LIKE),
+    Family("qwen2", **_LLAMA_LIKE),
+    Family("opt", "layer", "plain", "self_attn_layer_norm"),  # LayerNorm: no rotation
 )}
 
 #: Architectures tested end to end (config.model_type).

@@ -20,6 +20,7 @@ from .insert_qdq import InsertQuantDequant
 from .lower import LowerToKernels
 from .instruments import DumpIR, PassTimings, PrintIR
 from .kv_quant import QuantizeAttention
+from .rotate import Rotate
 from .rtn import RoundToNearest
 from .smooth import Smooth
 
@@ -42,13 +43,17 @@ def _lowering(config: CompileConfig) -> list[Pass]:
     return [LowerToKernels(tune=config.tune)] if config.backend == "kernels" else []
 
 
+def _rotate(config: CompileConfig) -> list[Pass]:
+    return [Rotate(config.rotate, config.seed)] if config.rotate else []
+
+
 def _rtn(config: CompileConfig) -> list[Pass]:
-    return [AnnotateQuant(config), *_smooth(config), InsertQuantDequant(), *_kv(config),
+    return [*_rotate(config), AnnotateQuant(config), *_smooth(config), InsertQuantDequant(), *_kv(config),
             RoundToNearest(), QuantDequantFusion(), *_lowering(config)]
 
 
 def _calibrated(config: CompileConfig) -> list[Pass]:
-    return [AnnotateQuant(config), *_smooth(config), InsertQuantDequant(), *_kv(config),
+    return [*_rotate(config), AnnotateQuant(config), *_smooth(config), InsertQuantDequant(), *_kv(config),
             Calibrate(solver_options=dict(config.solver_options), device=config.calib_device),
             RoundToNearest(), QuantDequantFusion(), *_lowering(config)]
 
@@ -60,7 +65,8 @@ def _abq(config: CompileConfig) -> list[Pass]:
     opts = ABQOptions.from_dict(dict(config.abq_options))
     comp = ([DownProjCompensation("insert", opts.comp_first, opts.comp_last)]
             if opts.compensation else [])
-    return [AnnotateQuant(config), *_bits(config), Smooth(config.smooth_alpha), InsertQuantDequant(),
+    return [*_rotate(config), AnnotateQuant(config), *_bits(config), Smooth(config.smooth_alpha),
+            InsertQuantDequant(),
             *_kv(config),
             *comp, ABQCalibrate(dict(config.abq_options), config.kv_bits, config.act_symmetric),
             *([DownProjCompensation("fold")] if comp else []), RoundToNearest(), QuantDequantFusion(),
@@ -90,5 +96,5 @@ def pipeline(name: str, config: CompileConfig | None = None) -> Sequential:
 __all__ = ["ABQCalibrate", "AnnotateQuant", "BitWidthAssignment", "Calibrate", "DownProjCompensation",
            "DumpIR", "InsertQuantDequant", "LowerToKernels", "Pass", "PassContext",
            "PassInstrument", "PassTimings", "PrintIR", "QuantDequantFusion", "QuantizeAttention",
-           "RoundToNearest",
+           "Rotate", "RoundToNearest",
            "Sequential", "Smooth", "pipeline", "pipeline_name", "PIPELINES"]

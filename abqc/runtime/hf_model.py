@@ -88,6 +88,7 @@ def transformers_tree(gm: GraphModule, lowered: bool = True) -> nn.Module:
         memo[id(skel.get_submodule(path))] = q
     placed: dict[int, tuple[str, torch.Tensor]] = {}
     missing: list[tuple[str, torch.Tensor]] = []
+    untied: dict[str, torch.Tensor] = {}
     named = [(n, t, True) for n, t in skel.named_parameters(remove_duplicate=False)] + \
             [(n, t, False) for n, t in skel.named_buffers(remove_duplicate=False)]
     for name, meta_t, is_param in named:
@@ -104,8 +105,7 @@ def transformers_tree(gm: GraphModule, lowered: bool = True) -> nn.Module:
         if id(meta_t) in placed:  # tied (lm_head and the embedding): one tensor in both places
             first, t = placed[id(meta_t)]
             if real is not t and not torch.equal(real, t):
-                raise ProgramError(f"{name} is tied to {first} in the model, but the program "
-                                   "holds different values for the two")
+                untied[name] = _as_param(real) if is_param else real  # a pass untied them
             continue
         memo[id(meta_t)] = _as_param(real) if is_param else real
         placed[id(meta_t)] = (name, real)
@@ -116,7 +116,10 @@ def transformers_tree(gm: GraphModule, lowered: bool = True) -> nn.Module:
         if id(meta_t) not in placed and owner not in unlowered:  # (those are gaps below)
             gaps[name] = "the program has no tensor of this name (removed by a pass)"
     tree = copy.deepcopy(skel, memo)
-    _untie_lowered(tree, qmods)
+    for name, t in untied.items():  # e.g. rotation: E Q for the lookup, E diag(g) Q for lm_head
+        owner, _, leaf = name.rpartition(".")
+        setattr(tree.get_submodule(owner), leaf, t)
+    _untie_lowered(tree, qmods, {n.rpartition(".")[0] for n in untied})
     if lowered:
         low = facts(gm).get(Lowered)
         why = low.float_linears if low is not None else {}
@@ -134,12 +137,13 @@ def transformers_tree(gm: GraphModule, lowered: bool = True) -> nn.Module:
     return tree.eval()
 
 
-def _untie_lowered(tree: nn.Module, qmods: dict[str, QuantLinear]) -> None:
-    """A lowered lm_head tied to the embedding is tied no longer (packed codes beside the
-    embedding's float weight): say so in the tree's config, so that transformers neither
-    re-ties it nor expects a tied ``lm_head.weight`` when the saved model loads."""
+def _untie_lowered(tree: nn.Module, qmods: dict[str, QuantLinear], untied: set[str]) -> None:
+    """A lm_head tied to the embedding in the source is tied no longer when it is lowered
+    (packed codes beside the embedding's float weight) or a pass gave it its own values
+    (rotation): say so in the tree's config, so that transformers neither re-ties it nor
+    expects a tied ``lm_head.weight`` when the saved model loads."""
     tied = getattr(tree, "all_tied_weights_keys", None) or {}
-    if not any(k.rpartition(".")[0] in qmods for k in tied):
+    if not any(k.rpartition(".")[0] in qmods or k.rpartition(".")[0] in untied for k in tied):
         return
     for cfg in {id(c): c for c in (tree.config, tree.config.get_text_config())}.values():
         cfg.tie_word_embeddings = False
