@@ -21,6 +21,7 @@ def test_compile_dumps_one_readable_file_per_pass(tmp_path, capsys):
     final = (out / "004_LowerToKernels.txt").read_text()
     assert "model.layers.0.mlp.down_proj  [W8b per-channel asym | A8b per-token asym dynamic | rtn]" in final
     assert "w=8,a=8" in final and "kernels m1=" in final
+    assert "lm_head  [float]  float: not quantized (excluded by the config, or lm_head_bits=16)" in final
     assert "model.layers.1.self_attn.q_proj  [W4b per-channel asym | A8b" in final
     out = capsys.readouterr().out
     assert re.search(r"compiled W4A8 rtn: 1[45]/15 linears quantized, [0-9.]+ bits/weight with scales", out)
@@ -132,7 +133,7 @@ def test_abq_bit_balance_compile_out_then_eval_and_reproduce(tmp_path, capsys):
     calib = ["--abq-options", '{"epochs": 1}', "--nsamples", "4", "--calib-seqlen", "32"]
     assert main(["-q", "compile", "tiny:llama", "--scheme", "W2*A8", "--method", "abq", *calib,
                  "--out", str(d)]) == 0
-    assert "compiled W2*A8 abq: 15/15 linears quantized" in capsys.readouterr().out
+    assert "compiled W2*A8 abq: 14/15 linears quantized" in capsys.readouterr().out
     recipe = json.loads((d / "recipe.json").read_text())
     assert recipe["model"] == "tiny:llama" and recipe["wbits"] == "2*" and recipe["method"] == "abq"
     assert recipe["abq_options"] == {"epochs": 1} and recipe["nsamples"] == 4

@@ -66,10 +66,11 @@ def test_compiled_model_output_and_shapes(tiny_models):
         assert cm(ids).logits.shape == (*shape, m.config.vocab_size)
     assert cm.config == CompileConfig(wbits=6, abits=6)
     anns = cm.annotations
-    head = anns["lm_head"]  # the output projection: 8-bit per-channel weights, A8 (not A6)
+    assert anns["lm_head"] is None  # float by default (lm_head_bits=16)
+    assert sum(a is not None for a in anns.values()) == len(anns) - 1
+    head = abqc.compile(m, wbits=6, abits=6, lm_head_bits=8).annotations["lm_head"]
+    # lm_head_bits=8: 8-bit per-channel weights, activations at max(abits, 8), rounded
     assert (head.weight.bits, head.weight.group_size, head.act.bits, head.method) == (8, 0, 8, "rtn")
-    assert all(a is not None for a in anns.values())
-    assert abqc.compile(m, wbits=6, abits=6, lm_head_bits=16).annotations["lm_head"] is None
     assert [name for _, name, _ in cm.pass_timings][0] == "AnnotateQuant"
 
 

@@ -65,8 +65,11 @@ def test_groups_and_unaligned_groups(tiny_models, ids):
     ref = abqc.compile(m, wbits=4, abits=16, group_size=64, backend="fake_quant")
     torch.testing.assert_close(cm(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-5)
     specs = {n.meta["abqc.path"]: n.args[-1] for n in cm.graph_module.graph.nodes if is_qlinear(n)}
-    assert ",g=0," in specs.pop("lm_head")  # the output projection: per channel, lm_head_bits
-    assert specs and all(",g=64," in sp for sp in specs.values())
+    assert "lm_head" not in specs and specs and all(",g=64," in sp for sp in specs.values())
+    eight = abqc.compile(m, wbits=4, abits=16, group_size=64, lm_head_bits=8)
+    head = next(n.args[-1] for n in eight.graph_module.graph.nodes
+                if is_qlinear(n) and n.meta["abqc.path"] == "lm_head")
+    assert ",w=8,a=16,g=0," in head  # the output projection: per channel at lm_head_bits
     # a group size the kernels cannot take is refused before anything runs, naming the value
     with pytest.raises(abqc.ConfigError, match="group_size=32 does not fit the integer kernels"):
         abqc.compile(m, wbits=4, abits=8, group_size=32)
@@ -90,7 +93,7 @@ def test_tied_lm_head_runs_on_an_8_bit_kernel_beside_the_float_embedding(ids, tm
     from frontends.tiny import tiny_model
 
     m = tiny_model("llama", tie_word_embeddings=True)
-    cm = abqc.compile(m, wbits=4, abits=8)
+    cm = abqc.compile(m, wbits=4, abits=8, lm_head_bits=8)
     assert facts(cm.graph_module).get(Lowered).float_linears == {}
     assert isinstance(cm.hf_model.lm_head, QuantLinear) and ",w=8,a=8," in cm.hf_model.lm_head.spec
     assert torch.equal(cm.hf_model.model.embed_tokens.weight, m.model.embed_tokens.weight)

@@ -158,5 +158,7 @@ def test_bit_budget_option_compiles_mixed_precision(tiny_models, calib):
     cm = abqc.compile(tiny_models["llama"], wbits=4, bit_budget=3.0, bit_widths=(2, 3, 4), calib=calib)
     bits = {a.weight.bits for p, a in cm.annotations.items() if a and p != "lm_head"}
     assert len(bits) > 1 and bits <= {2, 3, 4}
-    assert cm.annotations["lm_head"].weight.bits == 8  # lm_head_bits, outside the budget
+    eight = abqc.compile(tiny_models["llama"], wbits=4, bit_budget=3.0, bit_widths=(2, 3, 4),
+                         calib=calib, lm_head_bits=8)
+    assert eight.annotations["lm_head"].weight.bits == 8  # lm_head_bits, outside the budget
     assert "W2b" in cm.ir() or "W3b" in cm.ir()

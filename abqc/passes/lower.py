@@ -139,7 +139,7 @@ class LowerToKernels(Pass):
             path = lin.meta.get(PATH_KEY)
             ann = lin.meta.get(ANNOT_KEY)
             if ann is None or ann.weight is None:
-                floats[path] = "not quantized (excluded by the config)"
+                floats[path] = "not quantized (excluded by the config, or lm_head_bits=16)"
                 lin.meta[FLOAT_REASON_KEY] = floats[path]
                 continue
             try:
