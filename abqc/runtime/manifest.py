@@ -46,15 +46,21 @@ class CorruptCheckpointError(ConfigError):
     """A saved abqc model whose files do not match what was written."""
 
 
-def read_bounded(path: str | os.PathLike, limit: int = MAX_JSON_BYTES, what: str = "file") -> bytes:
-    """The bytes of a regular file of at most `limit` bytes (never a device, FIFO or directory)."""
-    path = Path(path)
+def _regular_file(path: Path, what: str = "") -> os.stat_result:
+    """`path`'s stat, if it is a regular file (never a device, FIFO or directory)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path} is missing: the saved model is incomplete") from None
     if not stat.S_ISREG(st.st_mode):
-        raise CorruptCheckpointError(f"{path} is not a regular file ({what}); refusing to read it")
+        raise CorruptCheckpointError(f"{path} is not a regular file{what}; refusing to read it")
+    return st
+
+
+def read_bounded(path: str | os.PathLike, limit: int = MAX_JSON_BYTES, what: str = "file") -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (never a device, FIFO or directory)."""
+    path = Path(path)
+    st = _regular_file(path, f" ({what})")
     if st.st_size > limit:
         raise CorruptCheckpointError(f"{path} has {st.st_size} bytes, more than the {limit} a "
                                      f"{what} may have; refusing to read it")
@@ -162,12 +168,7 @@ def verify_manifest(directory: str | os.PathLike) -> dict[str, dict]:
             raise CorruptCheckpointError(f"{mpath}: entry {name!r} is {entry!r}, not "
                                          "{'size': <bytes>, 'sha256': <64 hex digits>}")
         path = directory / name
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{path} is missing: the saved model is incomplete") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise CorruptCheckpointError(f"{path} is not a regular file; refusing to read it")
+        st = _regular_file(path)
         if st.st_size != entry["size"]:
             raise CorruptCheckpointError(
                 f"{path} has {st.st_size} bytes, the manifest says {entry['size']}: the file is "
