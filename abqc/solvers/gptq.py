@@ -38,8 +38,12 @@ def inverse_cholesky(sigma: torch.Tensor, percdamp: float, retries: int,
 
 def gptq(w: torch.Tensor, sigma: torch.Tensor, spec: QuantSpec, *, percdamp: float = 0.01,
          blocksize: int = 128, act_order: bool = False, static_groups: bool = False,
-         damp_retries: int = 3, notes: list[str] | None = None) -> tuple[torch.Tensor, Grid]:
-    """(Ŵ on the returned grid, the grid). Columns dead in Σ are plain-rounded."""
+         damp_retries: int = 3, notes: list[str] | None = None,
+         grid: Grid | None = None) -> tuple[torch.Tensor, Grid]:
+    """(Ŵ on the returned grid, the grid). Columns dead in Σ are plain-rounded.
+
+    `grid`: a grid fixed beforehand (an export format's own scales); GPTQ then only chooses
+    the codes on it, its error feedback unchanged."""
     notes = notes if notes is not None else []
     w0 = w.float()
     w = w0.clone()
@@ -48,11 +52,12 @@ def gptq(w: torch.Tensor, sigma: torch.Tensor, spec: QuantSpec, *, percdamp: flo
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    gs = spec.group_size
-    if gs and act_order and not static_groups:
+    gs = spec.group_size if grid is None else grid.group_size
+    qmax = spec.qmax if grid is None else grid.qmax
+    if gs and act_order and not static_groups and grid is None:
         static_groups = True
         notes.append("act_order with groups uses static groups (groups stay contiguous)")
-    fixed = Grid.fit(w0, spec) if (not gs or static_groups) else None
+    fixed = grid if grid is not None else (Grid.fit(w0, spec) if (not gs or static_groups) else None)
 
     perm = torch.arange(k, device=w.device)
     if act_order:
@@ -76,11 +81,11 @@ def gptq(w: torch.Tensor, sigma: torch.Tensor, spec: QuantSpec, *, percdamp: flo
                 s_col, z_col = fixed.s[:, col], fixed.z[:, col]
             elif col % gs == 0:  # dynamic groups: fit on the current (error-updated) weights
                 cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :gs]
-                s, z = compute_qparams(cur, spec.qmax, spec.symmetric)
+                s, z = compute_qparams(cur, qmax, spec.symmetric)
                 scale[:, col // gs], zero[:, col // gs] = s[:, 0], z[:, 0]
                 s_col, z_col = s[:, 0], z[:, 0]
             x = w1[:, i]
-            q = s_col * (torch.round(x / s_col + z_col).clamp_(0, spec.qmax) - z_col)
+            q = s_col * (torch.round(x / s_col + z_col).clamp_(0, qmax) - z_col)
             q_all[:, i1 + i] = q
             e = (x - q) / u1[i, i]
             w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
@@ -89,7 +94,7 @@ def gptq(w: torch.Tensor, sigma: torch.Tensor, spec: QuantSpec, *, percdamp: flo
             w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)
 
     q_all = q_all[:, torch.argsort(perm)]
-    grid = fixed if fixed is not None else Grid(scale, zero, spec.qmax, gs, k)
+    grid = fixed if fixed is not None else Grid(scale, zero, qmax, gs, k)
     if dead.any():
         q_all[:, dead] = grid.project(w0[:, dead], dead)
         notes.append(f"{int(dead.sum())} dead input columns rounded")

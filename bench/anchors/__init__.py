@@ -1,0 +1,1 @@
+"""Reference engines run beside abqc's benchmarks (llama.cpp), built from registry sources."""
