@@ -104,8 +104,12 @@ class CompiledModel(nn.Module):
             self._check_tree_is_whole("save")
         return save(self, directory, tokenizer, overwrite=overwrite)
 
-    def generate(self, *args, **kwargs):
-        """transformers' ``generate`` (KV cache, sampling, streaming) on the quantized tree."""
+    def generate(self, *args, engine: bool = True, **kwargs):
+        """transformers' ``generate`` (sampling, streaming, stop strings, batches) on the
+        quantized tree, every model call on the decode engine (`abqc.runtime.decode`: a
+        static KV cache and the packed linears called without per-module Python). Calls the
+        engine cannot run (beam search, padded batches, other families) run on the tree with
+        a warning saying why; ``engine=False`` asks for the tree directly."""
         if self.hf_model is None:
             raise RuntimeError("this CompiledModel has no transformers model tree to generate "
                                "with (backend='fake_quant' keeps only the graph)")
@@ -115,7 +119,10 @@ class CompiledModel(nn.Module):
             self.check_input_ids(ids, "input_ids" if not args else "generate's input")
         elif kwargs.get("inputs_embeds") is None:
             raise TypeError("generate needs input_ids [batch, seq] (or inputs_embeds)")
-        return self.hf_model.generate(*args, **kwargs)
+        if not engine:
+            return self.hf_model.generate(*args, **kwargs)
+        from .runtime.decode.generate import generate
+        return generate(self.hf_model, *args, **kwargs)
 
     def fake_quant_model(self) -> nn.Module:
         """The transformers tree with each kernel-backed linear replaced by a torch module
