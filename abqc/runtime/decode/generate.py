@@ -88,21 +88,48 @@ def _engine_forward(tree, engine: DecodeEngine):
         del tree.forward  # the class's forward again
 
 
+class _EngineSlot:
+    """Where a tree keeps its engine: not copied with the tree (``copy.deepcopy``, pickling:
+    TVM function handles cannot be), so a copy lowers its own engine on first use."""
+
+    __slots__ = ("engine", "warned")
+
+    def __init__(self):
+        self.engine = None
+        self.warned: set[str] = set()  # the fallback reasons already warned about
+
+    def __deepcopy__(self, memo):
+        return _EngineSlot()
+
+    def __reduce__(self):
+        return (_EngineSlot, ())
+
+
+def _slot(tree) -> _EngineSlot:
+    slot = tree.__dict__.get("_abqc_engine")
+    if slot is None:
+        slot = tree.__dict__["_abqc_engine"] = _EngineSlot()
+    return slot
+
+
 def engine_for(tree) -> DecodeEngine:
-    """The tree's engine, lowered on first use and kept on the tree (its tensors are the
-    tree's own: the engine holds views and the kernels' prepared calls, no copies)."""
-    eng = tree.__dict__.get("_abqc_engine")
-    if eng is None:
-        eng = tree.__dict__["_abqc_engine"] = DecodeEngine(tree)
-    return eng
+    """The tree's engine, lowered on first use and kept with the tree (its tensors are the
+    tree's own: the engine holds them and the kernels' prepared calls, no copies)."""
+    slot = _slot(tree)
+    if slot.engine is None:
+        slot.engine = DecodeEngine(tree)
+    return slot.engine
 
 
 def generate(tree, *args, **kwargs):
     """``tree.generate(*args, **kwargs)`` with every model call on the decode engine."""
     why = fast_path_refusal(tree, args, kwargs)
     if why is not None:
-        warnings.warn(f"generate runs on the transformers tree (eager, slower), not the decode "
-                      f"engine: {why}", stacklevel=3)
+        slot = _slot(tree)
+        if why not in slot.warned:  # once per model and reason, not once per call
+            slot.warned.add(why)
+            warnings.warn(f"generate runs on the transformers tree (eager, slower), not the decode "
+                          f"engine: {why}", stacklevel=3)
         return tree.generate(*args, **kwargs)
     ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     engine = engine_for(tree)
