@@ -76,6 +76,14 @@ def fast_path_refusal(tree, args, kwargs) -> str | None:
     mask = kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):
         return "a padded batch (attention_mask with zeros)"
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    pad = kwargs.get("pad_token_id", getattr(gc, "pad_token_id", None))
+    eos = kwargs.get("eos_token_id", getattr(gc, "eos_token_id", None))
+    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    if mask is None and isinstance(ids, torch.Tensor) and pad is not None and pad not in eos \
+            and bool((ids == pad).any()):
+        # transformers infers a padded batch from pad tokens in the prompt (as the tree does)
+        return f"a padded batch (the prompt holds pad_token_id={pad} and no attention_mask)"
     return None
 
 
