@@ -7,6 +7,7 @@
     abqc generate out/w4a8 "The Python standard library" --max-new-tokens 32
     abqc lm-eval out/w4a8 --tasks my_task --include-path tasks/
     abqc cache info
+    abqc export default out/q4_0.gguf --format gguf --type Q4_0 --method gptq
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from . import recipes
 from .errors import AbqcError
 from .log import verbosity
 from .recipes import parse_override, parse_solver_option  # noqa: F401  (public helpers)
+from .cli_export import add_export_parser, cmd_export
 
 MODEL_HELP = ("'default' (embedded SmolLM2-135M-Instruct), a directory (a saved abqc model or a "
               "transformers one), a .gguf file, 'tiny:<llama|qwen2|mistral|opt>' or a hub id")
@@ -90,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(added by a newer abqc) and keep the fastest")
     t.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="tune CPU kernels (default) or the b1 tensor-core kernels of the current GPU")
+
+    add_export_parser(sub)
 
     ca = sub.add_parser("cache", help="what abqc keeps in its cache ($ABQC_CACHE, "
                                       "$XDG_CACHE_HOME/abqc or ~/.cache/abqc)")
@@ -379,7 +383,7 @@ def cmd_cache(args) -> int:
 
 
 COMMANDS = {"compile": cmd_compile, "eval": cmd_eval, "tune": cmd_tune, "generate": cmd_generate,
-            "lm-eval": cmd_lm_eval, "cache": cmd_cache}
+            "lm-eval": cmd_lm_eval, "cache": cmd_cache, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

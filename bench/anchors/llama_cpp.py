@@ -177,6 +177,103 @@ def bin(name: str) -> Path:  # noqa: A001 (the brief's name)
     return p
 
 
+def run(name: str, *args: str, timeout: float | None = None, nice: int = 0) -> str:
+    """Run tool `name` with `args`; its stdout+stderr (`LlamaCppError` with the tail on failure)."""
+    cmd = ([ "nice", "-n", str(nice)] if nice else []) + [str(bin(name)), *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    out = p.stdout + p.stderr
+    if p.returncode != 0:
+        raise LlamaCppError(f"{' '.join(cmd)} exited {p.returncode}:\n{out[-3000:]}")
+    return out
+
+
+def convert_hf(model_dir: str | os.PathLike, out: str | os.PathLike, outtype: str = "f32") -> Path:
+    """llama.cpp's convert_hf_to_gguf.py (from the same sources) on a saved HF model dir."""
+    d = build_dir()
+    script = d / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise LlamaCppError(f"{script} missing; run: python bench/anchors/llama_cpp.py build")
+    env = {**os.environ, "PYTHONPATH": f"{d / 'gguf-py'}{os.pathsep}{d}", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, str(script), str(model_dir), "--outfile", str(out),
+                        "--outtype", outtype], capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise LlamaCppError(f"convert_hf_to_gguf.py exited {p.returncode}:\n{(p.stdout + p.stderr)[-3000:]}")
+    return Path(out)
+
+
+def quantize(src: str | os.PathLike, out: str | os.PathLike, qtype: str, imatrix: str | None = None,
+             pure: bool = False, token_embedding_type: str | None = None,
+             output_tensor_type: str | None = None, threads: int = 2) -> Path:
+    """llama-quantize `src` -> `out` at `qtype` (requantizing allowed)."""
+    args = ["--allow-requantize"]
+    if imatrix:
+        args += ["--imatrix", str(imatrix)]
+    if pure:
+        args += ["--pure"]
+    if token_embedding_type:
+        args += ["--token-embedding-type", token_embedding_type]
+    if output_tensor_type:
+        args += ["--output-tensor-type", output_tensor_type]
+    run("llama-quantize", *args, src, out, qtype, str(threads))
+    return Path(out)
+
+
+def imatrix(model: str | os.PathLike, text_file: str | os.PathLike, out: str | os.PathLike,
+            ctx: int = 512, chunks: int | None = None, threads: int = 2) -> Path:
+    """llama-imatrix on `text_file` (abqc's calibration text) -> importance matrix `out`."""
+    args = ["-m", model, "-f", text_file, "-o", out, "-c", ctx, "-t", threads, "--no-ppl"]
+    if chunks:
+        args += ["--chunks", chunks]
+    run("llama-imatrix", *args)
+    return Path(out)
+
+
+_PPL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
+
+
+def perplexity(model: str | os.PathLike, text_file: str | os.PathLike, ctx: int = 2048,
+               chunks: int = 32, threads: int = 2, batch: int = 2048) -> dict:
+    """llama-perplexity (``-c ctx --chunks chunks``): {"ppl", "ppl_stderr", "seconds"}."""
+    t0 = __import__("time").perf_counter()
+    out = run("llama-perplexity", "-m", model, "-f", text_file, "-c", ctx, "--chunks", chunks,
+              "-t", threads, "-b", batch)
+    m = _PPL.search(out)
+    if not m:
+        raise LlamaCppError(f"llama-perplexity printed no final estimate:\n{out[-2000:]}")
+    return {"ppl": float(m.group(1)), "ppl_stderr": float(m.group(2)),
+            "seconds": __import__("time").perf_counter() - t0}
+
+
+def llama_bench(gguf_path: str | os.PathLike, prompt: int = 512, gen: int = 32, depth: int = 512,
+                threads: int = 2, repetitions: int = 3) -> dict:
+    """llama-bench ``-p prompt -n gen -d depth -t threads`` on `gguf_path`.
+
+    Returns {"pp_tokens_per_s", "pp_seconds" (prefill of `prompt` tokens after `depth`),
+    "tg_tokens_per_s", "tg_ms_per_token" (decode at context depth+prompt.. as llama-bench
+    counts it), "load_avg_before", "raw" (llama-bench's JSON rows), "llama_cpp" (build.json)}.
+    Times depend on the machine's load: `load_avg_before` is os.getloadavg() at the start."""
+    load = os.getloadavg()
+    out = run("llama-bench", "-m", gguf_path, "-p", prompt, "-n", gen, "-d", depth,
+              "-t", threads, "-r", repetitions, "-o", "json")
+    rows = json.loads(out[out.index("["):out.rindex("]") + 1])
+    res = {"load_avg_before": load, "raw": rows, "llama_cpp": {k: v for k, v in info().items()
+                                                                 if k != "dir"}}
+    for r in rows:
+        if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0:
+            res["pp_tokens_per_s"] = r["avg_ts"]
+            res["pp_seconds"] = prompt / r["avg_ts"]
+        elif r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0:
+            res["tg_tokens_per_s"] = r["avg_ts"]
+            res["tg_ms_per_token"] = 1000.0 / r["avg_ts"]
+    return res
+
+
+def generate(gguf_path: str | os.PathLike, prompt: str, n: int = 32, threads: int = 2) -> str:
+    """Greedy text from llama-completion (llama.cpp runs the file end to end)."""
+    return run("llama-completion", "-m", gguf_path, "-p", prompt, "-n", n, "-t", threads,
+               "--temp", "0", "-no-cnv", "--no-warmup")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cmd", choices=["build", "info"])
