@@ -272,3 +272,22 @@ def test_cli_export_writes_gguf(tmp_path, capsys):
     assert rc == 0 and out.is_file()
     _, got = _read(out)
     assert got["blk.0.attn_q.weight"][0] == "Q4_0"
+
+
+def test_llama_cpp_build_flags_follow_the_cpu():
+    """The anchor build turns AVX-512 options on only where the CPU has them, AMX never."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from anchors import llama_cpp
+
+    avx2 = llama_cpp.build_flags({"avx2", "fma", "f16c"})
+    assert avx2["GGML_AVX2"] == "ON" and avx2["GGML_NATIVE"] == "OFF"
+    assert all(avx2[o] == "OFF" for o in llama_cpp.AVX512_OPTIONS)
+    full = llama_cpp.build_flags({"avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl",
+                                  "avx512_vnni", "amx_int8", "amx_tile"})
+    assert full["GGML_AVX512"] == "ON" and full["GGML_AVX512_VNNI"] == "ON"
+    assert full["GGML_AVX512_BF16"] == "OFF" and full["GGML_AVX512_VBMI"] == "OFF"
+    assert all(full[f"GGML_AMX_{x}"] == "OFF" for x in ("TILE", "INT8", "BF16"))
+    assert llama_cpp.build_key(avx2) != llama_cpp.build_key(full)

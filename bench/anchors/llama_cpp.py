@@ -13,6 +13,7 @@ version plus the flags, so a second call (or another CPU family) finds its own b
 
     python bench/anchors/llama_cpp.py build        # ~15 min on 2 cores, then cached
     python bench/anchors/llama_cpp.py info         # where it is, version, flags
+    python bench/anchors/llama_cpp.py convert MODEL_DIR OUT.gguf   # convert_hf_to_gguf.py, f32
 
 Other scripts import it (``sys.path`` holding ``bench/``): ``from anchors import llama_cpp``
 then `llama_bench`, `perplexity`, `quantize`, `imatrix`, `convert_hf`, `cli`.
@@ -276,10 +277,17 @@ def generate(gguf_path: str | os.PathLike, prompt: str, n: int = 32, threads: in
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("cmd", choices=["build", "info"])
+    ap.add_argument("cmd", choices=["build", "info", "convert"])
+    ap.add_argument("paths", nargs="*", help="convert: MODEL_DIR OUT.gguf")
+    ap.add_argument("--outtype", default="f32", help="convert: f32, f16, bf16, q8_0")
     ap.add_argument("-j", "--jobs", type=int, default=2)
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args()
+    if a.cmd == "convert":
+        if len(a.paths) != 2:
+            ap.error("convert takes MODEL_DIR OUT.gguf")
+        print(convert_hf(a.paths[0], a.paths[1], a.outtype))
+        sys.exit(0)
     if a.cmd == "build":
         print(build(jobs=a.jobs, force=a.force))
     print(json.dumps(info(), indent=2))
